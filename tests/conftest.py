@@ -1,0 +1,33 @@
+"""Shared test set-up.
+
+ROS 2 traffic stays on this host and in a domain of its own for each test
+session, so parallel runs (or a robot on the same network) never cross-talk.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the source modules are what we test
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+# Domain ids 0..101 are valid with the default port mapping; 0 is what
+# everybody uses, so pick another one per session.
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(1, 101)))
+
+FASHION_MNIST_DIR = Path(os.environ.get("IMPATIENT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+
+# In CI a missing prerequisite is a failure, not a skip: the set-up script must provide it.
+IN_CI = bool(os.environ.get("CI"))
+requires_fashion_mnist = pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists() and not IN_CI,
+    reason=f"Fashion-MNIST not found in {FASHION_MNIST_DIR} (Debian package dataset-fashion-mnist)",
+)

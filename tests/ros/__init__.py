@@ -1,0 +1,1 @@
+"""Helpers for tests that talk through real rclpy between real processes."""
