@@ -1,0 +1,1 @@
+"""Offline training package for impatient_ros: budgets, data, the joint trainer and its CLI."""
