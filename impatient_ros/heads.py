@@ -1,0 +1,96 @@
+"""Early-prediction (EP) heads: the small classifiers attached after each backbone stage.
+
+The three kinds follow Amthor et al. (BMVC 2016, Fig. 2 right):
+
+* ``"fc"``     -- one fully connected layer on the whole feature map,
+* ``"avg"``    -- global average pooling, then a fully connected layer,
+* ``"avg4x4"`` -- average pooling into 4x4 = 16 regions (keeps rough spatial
+  layout), then a fully connected layer; the paper's choice.
+
+Every head normalises its input with batch norm before the linear layer: the
+paper reports that without it joint training of the exits does not converge
+in most cases (Sect. 4, Fig. 4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HEAD_KINDS: tuple[str, ...] = ("fc", "avg", "avg4x4")
+
+
+class FCHead(nn.Module):
+    """BN2d on the feature map -> flatten -> Linear; tied to one feature map size."""
+
+    def __init__(self, in_channels: int, feature_hw: tuple[int, int], num_classes: int) -> None:
+        super().__init__()
+        self.feature_hw = (int(feature_hw[0]), int(feature_hw[1]))
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.fc = nn.Linear(in_channels * self.feature_hw[0] * self.feature_hw[1], num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: (N, C, H, W) -> logits (N, num_classes)
+        if tuple(h.shape[-2:]) != self.feature_hw:
+            # The Linear would fail with an opaque matmul message; say what is wrong instead.
+            raise ValueError(
+                f"fc head was built for {self.feature_hw[0]}x{self.feature_hw[1]} feature maps "
+                f"but got {h.shape[-2]}x{h.shape[-1]}: feed images of the network's input_size "
+                f"or use head 'avg'/'avg4x4', which accept any size"
+            )
+        return self.fc(torch.flatten(self.norm(h), 1))  # (N, C*H*W) -> (N, num_classes)
+
+
+class AvgHead(nn.Module):
+    """Global average pool -> BN1d -> Linear; independent of the feature map size."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.norm = nn.BatchNorm1d(in_channels)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: (N, C, H, W) -> pooled (N, C) -> logits (N, num_classes)
+        return self.fc(self.norm(torch.flatten(self.pool(h), 1)))
+
+
+class Avg4x4Head(nn.Module):
+    """Average pool into a 4x4 grid -> BN over the 16*C features -> Linear.
+
+    Feature maps smaller than 4x4 are accepted: adaptive pooling then repeats
+    cells, so the head keeps one fixed size for every input resolution.
+    """
+
+    GRID = 4
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        features = in_channels * self.GRID * self.GRID
+        self.pool = nn.AdaptiveAvgPool2d(self.GRID)
+        self.norm = nn.BatchNorm1d(features)
+        self.fc = nn.Linear(features, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: (N, C, H, W) -> pooled (N, C, 4, 4) -> (N, 16*C) -> logits (N, num_classes)
+        return self.fc(self.norm(torch.flatten(self.pool(h), 1)))
+
+
+def make_head(kind: str, in_channels: int, feature_hw: tuple[int, int], num_classes: int) -> nn.Module:
+    """Build the EP head ``kind`` for a stage output of shape (in_channels, *feature_hw).
+
+    Raises ValueError for an unknown kind (listing the valid ones) or
+    non-positive sizes.
+    """
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"unknown head kind {kind!r}; valid kinds: {', '.join(HEAD_KINDS)}")
+    if in_channels < 1 or num_classes < 1 or min(feature_hw) < 1:
+        raise ValueError(
+            f"head sizes must be positive, got in_channels={in_channels}, "
+            f"feature_hw={tuple(feature_hw)}, num_classes={num_classes}"
+        )
+    if kind == "fc":
+        return FCHead(in_channels, feature_hw, num_classes)
+    if kind == "avg":
+        return AvgHead(in_channels, num_classes)
+    return Avg4x4Head(in_channels, num_classes)
