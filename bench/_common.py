@@ -1,0 +1,106 @@
+"""Shared helpers of the benchmark scripts: networks to time, interleaved timing, statistics, tables.
+
+Not a test module: the scripts print measured figures only.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+# Run from a source checkout: `python bench/<script>.py` puts bench/ (not the root) on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from impatient_ros.checkpoint import LoadedCheckpoint, load_checkpoint  # noqa: E402
+from impatient_ros.model import NetConfig, build_network  # noqa: E402
+
+# Backbone -> (input size, input channels, classes) of the figures in the README/FACTS.
+DEFAULT_SETUPS: dict[str, tuple[tuple[int, int], int, int]] = {
+    "smallcnn": ((28, 28), 1, 10),
+    "resnet18": ((224, 224), 3, 1000),
+    "resnet50": ((224, 224), 3, 1000),
+    "vgg19_bn": ((224, 224), 3, 1000),
+    "mobilenet_v3_large": ((224, 224), 3, 1000),
+}
+
+
+def random_checkpoint(backbone: str, seed: int = 0, head: str = "avg4x4") -> LoadedCheckpoint:
+    """A LoadedCheckpoint of ``backbone`` with random weights (timing does not depend on training)."""
+    size, channels, classes = DEFAULT_SETUPS[backbone]
+    torch.manual_seed(seed)
+    config = NetConfig(backbone=backbone, num_classes=classes, head=head, in_channels=channels, input_size=size)
+    net = build_network(config).eval()
+    gray = channels == 1
+    preprocessing = {"input_size": list(size), "channels": "gray" if gray else "rgb",
+                     "mean": [0.5] * channels, "std": [0.25] * channels}
+    return LoadedCheckpoint(net=net, config=config, class_names=[str(i) for i in range(classes)],
+                            preprocessing=preprocessing, budget=None, exit_accuracy=None, exit_cost=None,
+                            train_config=None, meta={"source": "random weights"})
+
+
+def checkpoint_for(name_or_path: str, seed: int = 0) -> LoadedCheckpoint:
+    """A checkpoint file (if the argument is a path that exists) or random weights of a backbone name."""
+    if Path(name_or_path).is_file():
+        return load_checkpoint(name_or_path)
+    if name_or_path not in DEFAULT_SETUPS:
+        raise SystemExit(f"{name_or_path!r} is neither a checkpoint file nor one of {sorted(DEFAULT_SETUPS)}")
+    return random_checkpoint(name_or_path, seed)
+
+
+def plain_network(net: nn.Module) -> nn.Module:
+    """The backbone alone: every block, then only the last exit's head (no EP heads in between)."""
+    return nn.Sequential(*net.blocks, net.heads[-1]).eval()
+
+
+def interleaved(
+    variants: Mapping[str, Callable[[], object]],
+    reps: int,
+    warmup: int = 3,
+    sync: Callable[[], None] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Time each variant ``reps`` times (seconds), in a fresh random order every round.
+
+    Interleaving spreads clock/thermal drift and background load over all
+    variants equally instead of biasing whichever ran last.
+    """
+    names = list(variants)
+    rng = random.Random(seed)
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+            sync()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(reps):
+        rng.shuffle(names)
+        for name in names:
+            sync()
+            t0 = time.perf_counter()
+            variants[name]()
+            sync()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: np.asarray(values) for name, values in samples.items()}
+
+
+def median_p90_ms(samples: np.ndarray) -> tuple[float, float]:
+    """Median and 90th percentile in milliseconds."""
+    return 1e3 * float(np.median(samples)), 1e3 * float(np.quantile(samples, 0.9))
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain-text table; floats with three decimals."""
+    text = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in text:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    print()

@@ -1,0 +1,171 @@
+"""Measure the staged engine: EP-head overhead, deadline hit rate, timing-model p99 error.
+
+Prints measured figures (this is not a test; nothing is asserted). Three parts
+per network:
+
+1. Latency of a plain forward (the backbone alone: blocks + last head), t_B
+   (``forward_exit`` at the last exit: the same path through the ImpatientNet
+   API), t_A (``forward``: every EP head), and the engine doing the same (anytime
+   with every head, a-priori at the last exit), median and p90 over interleaved
+   repetitions, with ratios to the plain forward.
+2. Deadlines: budgets drawn from uniform / normal / exponential distributions
+   around the calibrated stage costs; per mode the share of images answered,
+   NO_TIME, the mean exit reached, and how often and by how much the last answer
+   came after the deadline.
+3. The timing model's p99 prediction error: p99 predicted after calibration
+   versus p99 measured on held-out runs (model frozen), per stage and for the
+   a-priori path to the last exit.
+
+    OMP_NUM_THREADS=1 python bench/bench_engine.py                    # smallcnn 28x28, resnet18 224x224
+    python bench/bench_engine.py --models path/to/model.pt --threads 4
+    python bench/bench_engine.py --device cuda --models resnet50      # parts 2-3 on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from _common import checkpoint_for, interleaved, median_p90_ms, plain_network, print_table
+from impatient_ros.engine import Mode, StagedEngine, StopReason
+
+
+def part_latency(engine: StagedEngine, reps: int) -> None:
+    net, k_last = engine.net, engine.num_stages - 1
+    plain = plain_network(net)
+    x = torch.randn(engine.preprocessor.output_shape, device=engine.device, dtype=engine.preprocessor.dtype)
+    sync = (lambda: torch.cuda.synchronize(engine.device)) if engine.device.type == "cuda" else None
+    with torch.inference_mode():
+        variants = {
+            "plain forward (blocks + last head)": lambda: plain(x),
+            "t_B forward_exit(last)": lambda: net.forward_exit(x, k_last),
+            "t_A forward (every head)": lambda: net(x),
+            "engine apriori, last exit (t_B)": lambda: engine.run_tensor(x, mode=Mode.APRIORI),
+            "engine anytime, every exit (t_A)": lambda: engine.run_tensor(x, mode=Mode.ANYTIME),
+        }
+        times = interleaved(variants, reps=reps, sync=sync)
+    base = np.median(times["plain forward (blocks + last head)"])
+    rows = []
+    for name, samples in times.items():
+        median, p90 = median_p90_ms(samples)
+        rows.append((name, median, p90, float(np.median(samples) / base)))
+    print_table(["variant", "median ms", "p90 ms", "x plain"], rows)
+
+
+def _budgets(kind: str, total_s: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Budgets (seconds) around the full-network cost ``total_s``."""
+    if kind == "uniform":
+        return rng.uniform(0.0, 1.25 * total_s, n)
+    if kind == "normal":
+        return np.clip(rng.normal(0.5 * total_s, 0.25 * total_s, n), 0.0, None)
+    if kind == "exponential":
+        return rng.exponential(0.5 * total_s, n)
+    raise ValueError(kind)
+
+
+def part_deadlines(engine: StagedEngine, image: np.ndarray, order: str, runs: int, seed: int = 0) -> None:
+    summary = engine.timing.summary()
+    ready_ms = np.cumsum([row["mean_ms"] for row in summary])
+    print("calibrated stage costs (block+head) mean / p99 ms:",
+          ", ".join(f"{row['mean_ms']:.2f}/{row['p99_ms']:.2f}" for row in summary),
+          f"| anytime ready times (cumsum of means): {', '.join(f'{v:.2f}' for v in ready_ms)}")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for kind in ("uniform", "normal", "exponential"):
+        budgets = _budgets(kind, ready_ms[-1] / 1e3, runs, rng)
+        for mode in (Mode.ANYTIME, Mode.APRIORI):
+            answered = no_time = 0
+            stages, overruns = [], []
+            for budget in budgets:
+                report = engine.run(image, order, deadline=time.monotonic() + budget, mode=mode)
+                if report.stop_reason is StopReason.NO_TIME:
+                    no_time += 1
+                    continue
+                answered += 1
+                stages.append(report.final.stage)
+                overruns.append(report.overrun_s)
+            over = np.asarray(overruns) if overruns else np.zeros(1)
+            rows.append((kind, mode.value, f"{np.median(budgets) * 1e3:.2f}", f"{100 * answered / runs:.1f}",
+                         f"{100 * no_time / runs:.1f}", f"{np.mean(stages) if stages else float('nan'):.2f}",
+                         f"{100 * np.count_nonzero(over > 0) / max(answered, 1):.1f}",
+                         f"{1e3 * float(over.max()):.3f}", f"{1e3 * float(over[over > 0].mean()) if (over > 0).any() else 0.0:.3f}"))
+    print_table(["budget", "mode", "median budget ms", "answered %", "NO_TIME %", "mean exit",
+                 "overrun % of answered", "max overrun ms", "mean overrun ms"], rows)
+
+
+def part_p99_error(engine: StagedEngine, heldout: int, calibration: int) -> None:
+    engine.calibrate(warmup=5, iterations=calibration)
+    q = 0.99
+    predicted = [engine.timing.stage_cost(k, q) for k in range(engine.num_stages)]
+    predicted_exit = engine.timing.predict_exit_cost(engine.num_stages - 1, q)
+    online = engine.online_update
+    engine.online_update = False  # held-out runs must not leak into the prediction
+    x = torch.randn(engine.preprocessor.output_shape, device=engine.device, dtype=engine.preprocessor.dtype)
+    per_stage: list[list[float]] = [[] for _ in range(engine.num_stages)]
+    exit_path = []
+    for _ in range(heldout):
+        report = engine.run_tensor(x)
+        for result, actual in zip(report.results, report.actual_s):
+            per_stage[result.stage - 1].append(actual)
+        exit_path.append(engine.run_tensor(x, mode=Mode.APRIORI).actual_s[0])
+    engine.online_update = online
+    rows = []
+    for k, (pred, measured) in enumerate(zip(predicted, per_stage)):
+        measured = np.asarray(measured)
+        p99 = float(np.quantile(measured, q))
+        rows.append((f"stage {k + 1}", 1e3 * pred, 1e3 * p99, f"{100 * (pred - p99) / p99:+.1f}",
+                     f"{100 * np.mean(measured > pred):.1f}"))
+    measured = np.asarray(exit_path)
+    p99 = float(np.quantile(measured, q))
+    rows.append(("a-priori last exit", 1e3 * predicted_exit, 1e3 * p99,
+                 f"{100 * (predicted_exit - p99) / p99:+.1f}", f"{100 * np.mean(measured > predicted_exit):.1f}"))
+    print(f"p99 prediction ({calibration} calibration runs) vs held-out p99 ({heldout} runs, model frozen):")
+    print_table(["part", "predicted p99 ms", "measured p99 ms", "error %", "held-out above prediction %"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["smallcnn", "resnet18"],
+                        help="backbone names (random weights) or checkpoint paths")
+    parser.add_argument("--checkpoint", help="a checkpoint file to benchmark instead of --models")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--reps", type=int, default=0, help="latency repetitions (0 = per-model default)")
+    parser.add_argument("--budget-runs", type=int, default=0, help="runs per budget distribution and mode")
+    parser.add_argument("--heldout", type=int, default=0, help="held-out runs for the p99 error")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the default counts")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # random weights can produce denormals that slow CPU kernels
+    models = [args.checkpoint] if args.checkpoint else args.models
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), device {args.device}\n")
+    for name in models:
+        checkpoint = checkpoint_for(name)
+        engine = StagedEngine(checkpoint, args.device)
+        size = engine.input_size
+        heavy = size[0] * size[1] > 64 * 64 and engine.device.type == "cpu"
+        scale = 0.25 if args.quick else 1.0
+        reps = args.reps or max(5, int((40 if heavy else 300) * scale))
+        budget_runs = args.budget_runs or max(5, int((40 if heavy else 300) * scale))
+        heldout = args.heldout or max(10, int((60 if heavy else 400) * scale))
+        print(f"=== {checkpoint.config.backbone} {size[0]}x{size[1]}, {engine.num_stages} stages, "
+              f"{engine.device_label} ===")
+        print(f"-- latency ({reps} interleaved repetitions)")
+        part_latency(engine, reps)
+        engine.calibrate(warmup=3, iterations=max(10, reps // 2))
+        channels = 1 if checkpoint.preprocessing["channels"] == "gray" else 3
+        image = np.random.default_rng(0).integers(0, 255, size=(*size, channels), endpoint=True).astype(np.uint8)
+        order = "gray" if channels == 1 else "rgb"
+        print(f"-- deadlines ({budget_runs} budgets per distribution, admission at p{100 * engine.admission_quantile:g}, "
+              "preprocessing included)")
+        part_deadlines(engine, image, order, budget_runs)
+        print("-- timing model")
+        part_p99_error(engine, heldout, calibration=max(30, heldout // 2))
+
+
+if __name__ == "__main__":
+    main()

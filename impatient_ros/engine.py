@@ -1,0 +1,783 @@
+"""StagedEngine: run an ImpatientNet stage by stage under a deadline (no ROS).
+
+Three modes (paper, Fig. 1 and Sect. 4):
+
+* ``anytime``: run stage after stage, hand every exit's answer over the moment
+  it is ready (``on_result``) and stop when the next stage cannot finish before
+  the deadline.
+* ``apriori``: the budget is known before the image: pick the deepest exit
+  whose predicted cost fits, run blocks 0..k and only head k (one answer).
+* ``cascade``: like anytime, but stop as soon as an exit is confident
+  (1-vs-2 ratio of its top two probabilities >= threshold).
+
+Rules that hold in every mode:
+
+* A stage that has started always completes (PyTorch kernels cannot be
+  interrupted safely); the engine instead decides *before* each stage: it starts
+  stage k only if ``now + predicted completion <= deadline``, the prediction
+  being the :class:`~impatient_ros.timing.TimingModel` quantile
+  ``admission_quantile`` (p99 by default) of that stage's block + head.
+* Nothing is guessed: with a deadline and no timings the run raises
+  :class:`~impatient_ros.timing.TimingError` (calibrate or load a file first).
+* Every run's measured block and head times update the timing model (online,
+  sliding window), so the model follows thermal and load drift.
+* Stage numbers are 1-based in results (as in the messages), 0-based in code.
+
+``ratio_1v2`` is ``p1 / max(p2, 1e-12)``: the clamp keeps the ratio finite
+when the runner-up probability underflows to zero in float32.
+
+On CUDA the engine captures one CUDA graph per block and per head (static
+input/output buffers, captured after warm-up on a side stream), optionally runs
+in float16, copies each exit's probabilities ``non_blocking`` into a pinned host
+buffer and records a CUDA event, so in anytime mode stage k+1's kernels are
+already queued when the host waits for exit k. Probabilities equal the eager
+model's ``softmax(net(x))`` within ``atol=1e-4`` in float32 (kernel choice in
+graphs vs. eager) and ``atol=1e-2`` in float16. On the CPU the engine runs the
+eager model itself (identical up to float rounding, ``atol=1e-6``).
+
+The engine is not thread-safe: one run at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from impatient_ros.preprocess import Preprocessor
+from impatient_ros.timing import TimingError, TimingModel
+
+if TYPE_CHECKING:  # the engine only reads .net, .preprocessing and .class_names
+    from impatient_ros.checkpoint import LoadedCheckpoint
+
+__all__ = [
+    "DEFAULT_CASCADE_THRESHOLD",
+    "RATIO_EPSILON",
+    "DeviceFallbackWarning",
+    "DeviceUnavailableError",
+    "EngineError",
+    "Mode",
+    "RunReport",
+    "StageResult",
+    "StagedEngine",
+    "StopReason",
+    "resolve_device",
+]
+
+# 1-vs-2 ratio at which the cascade stops by default: a starting point only; fit it
+# on validation data for the accuracy/time trade-off you need (paper, Fig. 6).
+DEFAULT_CASCADE_THRESHOLD = 3.0
+RATIO_EPSILON = 1e-12  # floor for the runner-up probability in ratio_1v2
+# Host-side cost per CUDA stage (graph launch, event wait, wake-up) that device-time
+# measurements miss; used until calibrate() measures it on the actual machine.
+_DEFAULT_CUDA_OVERHEAD_S = 50e-6
+
+
+class EngineError(RuntimeError):
+    """Base class of the engine's errors (bad arguments, unusable device)."""
+
+
+class DeviceUnavailableError(EngineError):
+    """The requested device does not exist here and CPU fallback is not allowed."""
+
+
+class DeviceFallbackWarning(RuntimeWarning):
+    """A CUDA device was requested but the engine runs on the CPU instead."""
+
+
+class StopReason(IntEnum):
+    """Why no further stage follows; 0-4 equal StagePrediction.STOP_* in msg/StagePrediction.msg."""
+
+    NONE = 0        # more stages follow
+    DEADLINE = 1    # the next stage could not finish before the deadline
+    CONFIDENT = 2   # cascade: the 1-vs-2 ratio reached the threshold
+    MAX_STAGE = 3   # the stage cap was reached
+    COMPLETE = 4    # the last exit of the network was reached
+    NO_TIME = 5     # not even stage 1 fits the budget: nothing ran (engine only, no message value)
+
+
+class Mode(str, Enum):
+    """How the engine spends a budget."""
+
+    ANYTIME = "anytime"
+    APRIORI = "apriori"
+    CASCADE = "cascade"
+
+    @classmethod
+    def parse(cls, value: Mode | str) -> Mode:
+        """``Mode`` from its name ("anytime", "apriori"/"a-priori", "cascade"), case-insensitive."""
+        if isinstance(value, Mode):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower().replace("-", "").replace("_", "")
+            for mode in cls:
+                if mode.value == key:
+                    return mode
+        raise EngineError(f"unknown mode {value!r}; valid modes: {', '.join(m.value for m in cls)}")
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """One exit's answer for one image."""
+
+    stage: int                 # 1-based exit index
+    num_stages: int
+    class_id: int
+    label: str                 # class name from the checkpoint (the id as text if it has none)
+    score: float               # softmax probability of class_id
+    top_ids: list[int]         # top-k class ids, best first
+    top_scores: list[float]    # their probabilities
+    ratio_1v2: float           # p1 / max(p2, RATIO_EPSILON), >= 1
+    probs: np.ndarray          # (num_classes,) float32 softmax probabilities
+    ready_time: float          # time.monotonic() when the answer was available on the host
+    elapsed_s: float           # ready_time minus the start of the run (preprocessing included)
+    is_final: bool             # no further result follows for this image
+    stop_reason: StopReason    # StopReason.NONE unless is_final
+
+
+@dataclass
+class RunReport:
+    """Everything one run did; ``results`` hold the answers in the order they were handed over.
+
+    ``predicted_s[i]``/``actual_s[i]``/``started_at[i]`` belong to ``results[i]``:
+    the admission prediction (seconds, at the admission quantile; NaN for a run
+    without deadline before any timing exists), the measured time of that
+    stage's block + head (a-priori: of blocks 0..k + head k; CPU wall clock,
+    CUDA events on a GPU), and when it started (``time.monotonic()``; on CUDA
+    with queued stages, the predicted moment the device begins it).
+    """
+
+    mode: Mode
+    results: list[StageResult]
+    stop_reason: StopReason
+    stages_run: int            # backbone blocks executed
+    predicted_s: list[float]
+    actual_s: list[float]
+    started_at: list[float]
+    began_at: float            # time.monotonic() when run() was called
+    deadline: float | None     # time.monotonic() seconds, None = unlimited
+    overran: bool              # the last answer was ready after the deadline
+    overrun_s: float           # by how much (0 if not)
+    # False only if the on_result callback took so much longer than its recent maximum that the
+    # next stage no longer fitted after a result was already handed over as not final.
+    final_announced: bool = True
+
+    @property
+    def final(self) -> StageResult | None:
+        """The last answer, or None when nothing ran (NO_TIME)."""
+        return self.results[-1] if self.results else None
+
+
+@dataclass
+class _StageOutput:
+    """What an executor hands back for one exit."""
+
+    stage: int
+    probs: np.ndarray
+    block_s: list[tuple[int, float]]   # (stage, seconds) of every block run for this exit
+    head_s: float
+    ready_time: float
+
+    @property
+    def device_s(self) -> float:
+        return sum(s for _, s in self.block_s) + self.head_s
+
+
+# --------------------------------------------------------------------------- device choice
+
+
+def resolve_device(device: str | torch.device = "auto", allow_cpu_fallback: bool = True) -> torch.device:
+    """Map "auto" to cuda if available else cpu; an absent CUDA device to the CPU with a warning, or an error."""
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise EngineError(f"invalid device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise EngineError(f"unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    available = torch.cuda.is_available()
+    count = torch.cuda.device_count() if available else 0
+    index = dev.index if dev.index is not None else (torch.cuda.current_device() if available else 0)
+    if available and index < count:
+        return torch.device("cuda", index)
+    why = "CUDA is not available" if not available else f"only {count} CUDA device(s) exist"
+    if not allow_cpu_fallback:
+        raise DeviceUnavailableError(f"device {device!r} requested but {why}; use device='cpu' or 'auto', "
+                                     "or allow the CPU fallback")
+    warnings.warn(f"device {device!r} requested but {why}: running on the CPU", DeviceFallbackWarning, stacklevel=3)
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- executors
+
+
+def _exit_probs(net: torch.nn.Module, k: int, h: torch.Tensor) -> torch.Tensor:
+    """Exit k's softmax probabilities (num_classes,), in float32 even for a half network."""
+    return torch.softmax(net.run_head(k, h).float(), dim=-1)[0]
+
+
+class _CpuExecutor:
+    """Runs the eager network synchronously; wall-clock times per block and head."""
+
+    is_async = False
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net = net
+        self._h: torch.Tensor | None = None
+
+    def start(self, x: torch.Tensor) -> None:
+        self._h = x
+
+    def launch(self, k: int) -> _StageOutput:
+        t0 = time.monotonic()
+        self._h = self.net.run_block(k, self._h)
+        t1 = time.monotonic()
+        probs = _exit_probs(self.net, k, self._h).numpy()
+        t2 = time.monotonic()
+        return _StageOutput(k, probs, [(k, t1 - t0)], t2 - t1, t2)
+
+    def launch_exit(self, k: int) -> _StageOutput:
+        blocks = []
+        h = self._h
+        for j in range(k + 1):
+            t0 = time.monotonic()
+            h = self.net.run_block(j, h)
+            blocks.append((j, time.monotonic() - t0))
+        t1 = time.monotonic()
+        probs = _exit_probs(self.net, k, h).numpy()
+        t2 = time.monotonic()
+        return _StageOutput(k, probs, blocks, t2 - t1, t2)
+
+    @staticmethod
+    def done(handle: _StageOutput) -> bool:
+        return True
+
+    @staticmethod
+    def wait(handle: _StageOutput) -> _StageOutput:
+        return handle
+
+
+class _CudaExecutor:
+    """Queues blocks and heads on the current CUDA stream (as CUDA graphs or eagerly).
+
+    Each exit ends with a non-blocking copy of its probabilities into a pinned
+    host buffer and a CUDA event; ``wait`` blocks on that event only, so work
+    queued after it keeps the device busy. Block and head times come from CUDA
+    events (device time, not host time).
+    """
+
+    is_async = True
+
+    def __init__(self, net: torch.nn.Module, input_shape: Sequence[int], dtype: torch.dtype,
+                 device: torch.device, use_graphs: bool) -> None:
+        self.net = net
+        self.device = device
+        k_total = net.num_stages
+        num_classes = net.config.num_classes
+        self._pinned = [torch.empty(num_classes, dtype=torch.float32, pin_memory=True) for _ in range(k_total)]
+        self._ev_start = [torch.cuda.Event(enable_timing=True) for _ in range(k_total)]
+        self._ev_mid = [torch.cuda.Event(enable_timing=True) for _ in range(k_total)]
+        self._ev_ready = [torch.cuda.Event(enable_timing=True) for _ in range(k_total)]
+        self._exit_blocks: dict[int, list[int]] = {}  # stage -> blocks its pending exit ran
+        self._h: torch.Tensor | None = None
+        self._keep: list[torch.Tensor] = []  # eager outputs alive until their copies are queued
+        self.graphs = False
+        if use_graphs:
+            try:
+                self._capture(tuple(input_shape), dtype)
+                self.graphs = True
+            except RuntimeError as exc:  # an op that cannot be captured: eager still works
+                warnings.warn(f"CUDA graph capture failed ({exc}); running eagerly", RuntimeWarning, stacklevel=3)
+
+    def _capture(self, input_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Capture one graph per block and per head, after warm-up on a side stream (PyTorch CUDA graphs docs)."""
+        net = self.net
+        self._static_in = torch.zeros(input_shape, dtype=dtype, device=self.device)
+        # Warm-up outside capture: cuDNN/cuBLAS pick algorithms and allocate workspaces here,
+        # which must not happen during capture.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                h = self._static_in
+                for k in range(net.num_stages):
+                    h = net.run_block(k, h)
+                    _exit_probs(net, k, h)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        self._block_graphs: list[torch.cuda.CUDAGraph] = []
+        self._head_graphs: list[torch.cuda.CUDAGraph] = []
+        self._static_act: list[torch.Tensor] = []
+        self._static_probs: list[torch.Tensor] = []
+        h = self._static_in
+        for k in range(net.num_stages):
+            # Each graph keeps its own memory pool: exits are replayed in varying orders
+            # (heads skipped in a-priori mode), so pools are not shared.
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                h = net.run_block(k, h)           # reads the previous graph's static output
+            self._block_graphs.append(graph)
+            self._static_act.append(h)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                probs = _exit_probs(net, k, h)
+            self._head_graphs.append(graph)
+            self._static_probs.append(probs)
+        torch.cuda.synchronize(self.device)
+
+    def start(self, x: torch.Tensor) -> None:
+        self._keep.clear()
+        if self.graphs:
+            self._static_in.copy_(x, non_blocking=True)
+            self._h = self._static_in
+        else:
+            self._h = x
+
+    def _block(self, k: int) -> None:
+        if self.graphs:
+            self._block_graphs[k].replay()
+            self._h = self._static_act[k]
+        else:
+            self._h = self.net.run_block(k, self._h)
+
+    def _head(self, k: int) -> None:
+        if self.graphs:
+            self._head_graphs[k].replay()
+            probs = self._static_probs[k]
+        else:
+            probs = _exit_probs(self.net, k, self._h)
+            self._keep.append(probs)
+        self._pinned[k].copy_(probs, non_blocking=True)
+        self._ev_ready[k].record()
+
+    def launch(self, k: int) -> int:
+        self._ev_start[k].record()
+        self._block(k)
+        self._ev_mid[k].record()
+        self._head(k)
+        self._exit_blocks[k] = [k]
+        return k
+
+    def launch_exit(self, k: int) -> int:
+        for j in range(k + 1):
+            self._ev_start[j].record()
+            self._block(j)
+            self._ev_mid[j].record()
+        self._head(k)
+        self._exit_blocks[k] = list(range(k + 1))
+        return k
+
+    def done(self, k: int) -> bool:
+        return self._ev_ready[k].query()
+
+    def wait(self, k: int) -> _StageOutput:
+        self._ev_ready[k].synchronize()
+        ready = time.monotonic()
+        probs = self._pinned[k].numpy().copy()  # the buffer is reused by the next image
+        blocks = [(j, self._ev_start[j].elapsed_time(self._ev_mid[j]) / 1e3) for j in self._exit_blocks[k]]
+        head_s = self._ev_mid[k].elapsed_time(self._ev_ready[k]) / 1e3
+        return _StageOutput(k, probs, blocks, head_s, ready)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class StagedEngine:
+    """Deadline-aware staged inference of a loaded Impatient DNN checkpoint.
+
+    The engine takes ownership of ``checkpoint.net`` (moves it to the device,
+    sets eval mode, converts it to half precision with ``fp16`` on CUDA).
+    ``timing`` may be a model calibrated earlier; otherwise an empty one is made
+    and :meth:`calibrate` or :meth:`load_calibration` must run before a run with
+    a deadline. ``online_update`` feeds every run's measurements into it.
+    """
+
+    def __init__(
+        self,
+        checkpoint: LoadedCheckpoint,
+        device: str | torch.device = "auto",
+        *,
+        admission_quantile: float = 0.99,
+        top_k: int = 5,
+        fp16: bool = False,
+        cuda_graphs: bool = True,
+        allow_cpu_fallback: bool = True,
+        timing: TimingModel | None = None,
+        online_update: bool = True,
+    ) -> None:
+        if not 0.0 < admission_quantile <= 1.0:
+            raise EngineError(f"admission_quantile must lie in (0, 1], got {admission_quantile}")
+        if top_k < 1:
+            raise EngineError(f"top_k must be >= 1, got {top_k}")
+        self.device = resolve_device(device, allow_cpu_fallback)
+        if fp16 and self.device.type != "cuda":
+            warnings.warn("fp16 is only used on CUDA (CPU half-precision convolutions are slow or missing): "
+                          "running in float32", RuntimeWarning, stacklevel=2)
+            fp16 = False
+        self.fp16 = fp16
+        self.admission_quantile = float(admission_quantile)
+        self.online_update = online_update
+        self.net = checkpoint.net
+        self.num_stages: int = self.net.num_stages
+        self.num_classes: int = self.net.config.num_classes
+        self.top_k = min(int(top_k), self.num_classes)
+        self.class_names: list[str] = list(checkpoint.class_names or [])
+        self.exit_accuracy = list(getattr(checkpoint, "exit_accuracy", None) or [])
+        dtype = torch.float16 if fp16 else torch.float32
+        self.preprocessor = Preprocessor(checkpoint.preprocessing, self.device, dtype=dtype)
+        self.input_size = self.preprocessor.input_size
+
+        self.net.eval()
+        self.net.to(self.device)
+        if fp16:
+            self.net.half()
+        with self._device_scope(), torch.inference_mode():
+            if self.device.type == "cuda":
+                self._executor: _CpuExecutor | _CudaExecutor = _CudaExecutor(
+                    self.net, self.preprocessor.output_shape, dtype, self.device, cuda_graphs)
+            else:
+                self._executor = _CpuExecutor(self.net)
+        self.cuda_graphs = bool(getattr(self._executor, "graphs", False))
+        self.device_label = self._describe_device()
+        self.overhead_s = _DEFAULT_CUDA_OVERHEAD_S if self.device.type == "cuda" else 0.0
+        self._callback_s: deque[float] = deque(maxlen=32)
+
+        if timing is None:
+            timing = TimingModel(self.num_stages, device=self.device_label, input_size=self.input_size)
+        elif timing.num_stages != self.num_stages:
+            raise TimingError(f"the timing model has {timing.num_stages} stages but the network has "
+                              f"{self.num_stages}")
+        self.timing = timing
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, warmup: int = 5, iterations: int = 30, *, reset: bool = True) -> TimingModel:
+        """Measure every stage's block and head on this device and input size; return the timing model.
+
+        Runs ``warmup`` unmeasured passes, then ``iterations`` measured ones over
+        all stages with a random input of the network's size. On CUDA it also
+        measures the host-side cost per stage (launch + event wait) that the
+        device-time measurements miss (``overhead_s``, added to every prediction).
+        """
+        if warmup < 0 or iterations < 1:
+            raise EngineError(f"need warmup >= 0 and iterations >= 1, got {warmup} and {iterations}")
+        if reset:
+            self.timing.reset()
+        # The samples describe this engine's device and input from now on (so a saved file says so).
+        self.timing.device, self.timing.input_size = self.device_label, self.input_size
+        overheads = []
+        with self._device_scope(), torch.inference_mode():
+            x = torch.randn(self.preprocessor.output_shape, device=self.device, dtype=self.preprocessor.dtype)
+            for i in range(warmup + iterations):
+                self._executor.start(x)
+                for k in range(self.num_stages):
+                    t0 = time.monotonic()
+                    out = self._executor.wait(self._executor.launch(k))  # one stage at a time
+                    if i >= warmup:  # calibration always records, whatever online_update says
+                        self._record(out, force=True)
+                        overheads.append((out.ready_time - t0) - out.device_s)
+        if self.device.type == "cuda":
+            self.overhead_s = max(0.0, float(np.quantile(overheads, self.admission_quantile)))
+        return self.timing
+
+    def save_calibration(self, path: str | Path) -> Path:
+        """Write the timing model as a calibration file (see impatient_ros.timing)."""
+        return self.timing.save(path)
+
+    def load_calibration(self, path: str | Path, *, strict: bool = True) -> TimingModel:
+        """Replace the timing model by a calibration file's.
+
+        The file must match this network's stage count and input size, and (with
+        ``strict``) this engine's device label: latencies from another device or
+        precision would make the admission decisions wrong. The file holds block
+        and head times only: on CUDA the host-side overhead per stage keeps its
+        default (50 us) until :meth:`calibrate` measures it.
+        """
+        self.timing = TimingModel.load(path, num_stages=self.num_stages, input_size=self.input_size,
+                                       device=self.device_label if strict else None, window=self.timing.window)
+        return self.timing
+
+    @property
+    def is_calibrated(self) -> bool:
+        """True once every stage has block and head timings."""
+        return self.timing.is_calibrated
+
+    # ------------------------------------------------------------------ running
+    def run(
+        self,
+        image: np.ndarray,
+        channel_order: str,
+        *,
+        deadline: float | None = None,
+        mode: Mode | str = Mode.ANYTIME,
+        max_stage: int | None = None,
+        cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
+        on_result: Callable[[StageResult], Any] | None = None,
+    ) -> RunReport:
+        """Classify one camera image under ``deadline`` (``time.monotonic()`` seconds; None = unlimited).
+
+        ``max_stage`` caps the exits (1-based; None or 0 = no cap). ``on_result``
+        is called with each :class:`StageResult` as soon as it is ready. The
+        preprocessing time counts against the deadline.
+        """
+        began = time.monotonic()
+        with self._device_scope(), torch.inference_mode():
+            x = self.preprocessor(image, channel_order)
+        return self._run(x, began, deadline, mode, max_stage, cascade_threshold, on_result)
+
+    def run_tensor(
+        self,
+        x: torch.Tensor,
+        *,
+        deadline: float | None = None,
+        mode: Mode | str = Mode.ANYTIME,
+        max_stage: int | None = None,
+        cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
+        on_result: Callable[[StageResult], Any] | None = None,
+    ) -> RunReport:
+        """:meth:`run` on an already preprocessed ``(1, C, H, W)`` tensor (benchmarks, tests)."""
+        began = time.monotonic()
+        expected = self.preprocessor.output_shape
+        if tuple(x.shape) != expected:
+            raise EngineError(f"input must have shape {expected}, got {tuple(x.shape)}")
+        x = x.to(self.device, self.preprocessor.dtype)
+        return self._run(x, began, deadline, mode, max_stage, cascade_threshold, on_result)
+
+    def _run(self, x: torch.Tensor, began: float, deadline: float | None, mode: Mode | str,
+             max_stage: int | None, cascade_threshold: float,
+             on_result: Callable[[StageResult], Any] | None) -> RunReport:
+        mode = Mode.parse(mode)
+        cap = self._stage_cap(max_stage)
+        if deadline is not None and not self.timing.is_calibrated:
+            raise TimingError("a deadline needs stage timings: call StagedEngine.calibrate() or "
+                              "load_calibration(path) before running with a deadline")
+        if mode is Mode.CASCADE and not cascade_threshold >= 1.0:
+            raise EngineError(f"cascade_threshold must be >= 1 (ratio of top-1 to top-2), got {cascade_threshold}")
+        report = RunReport(mode=mode, results=[], stop_reason=StopReason.NONE, stages_run=0, predicted_s=[],
+                           actual_s=[], started_at=[], began_at=began, deadline=deadline, overran=False,
+                           overrun_s=0.0)
+        with self._device_scope(), torch.inference_mode():
+            self._executor.start(x)
+            if mode is Mode.APRIORI:
+                self._run_apriori(report, cap, on_result)
+            elif self._executor.is_async and mode is Mode.ANYTIME:
+                self._run_queued(report, cap, on_result)
+            else:
+                threshold = cascade_threshold if mode is Mode.CASCADE else math.inf
+                self._run_stepwise(report, cap, threshold, on_result)
+        if deadline is not None and report.results:
+            report.overrun_s = max(0.0, report.results[-1].ready_time - deadline)
+            report.overran = report.overrun_s > 0.0
+        return report
+
+    def _run_stepwise(self, report: RunReport, cap: int, threshold: float,
+                      on_result: Callable[[StageResult], Any] | None) -> None:
+        """Anytime/cascade, one stage after the other (CPU, and CUDA cascade: it needs each answer first)."""
+        predicted = self._admit(0, time.monotonic(), report.deadline)
+        if predicted is None:
+            report.stop_reason = StopReason.NO_TIME
+            return
+        k = 0
+        while True:
+            started = time.monotonic()
+            out = self._executor.wait(self._executor.launch(k))
+            self._record(out)
+            ranking = _rank(out.probs, self.top_k)
+            next_predicted = None
+            if k == self.num_stages - 1:
+                stop = StopReason.COMPLETE
+            elif ranking.ratio_1v2 >= threshold:
+                stop = StopReason.CONFIDENT
+            elif k + 1 >= cap:
+                stop = StopReason.MAX_STAGE
+            else:
+                # The callback runs before the next stage: reserve its recent maximum duration.
+                next_predicted = self._admit(k + 1, time.monotonic() + self._callback_estimate(), report.deadline)
+                stop = StopReason.NONE if next_predicted is not None else StopReason.DEADLINE
+            self._emit(report, out, ranking, stop, predicted, started, [k], on_result)
+            if stop is not StopReason.NONE:
+                return
+            # Re-check after the callback: a stage starts only if it still fits now.
+            next_predicted = self._admit(k + 1, time.monotonic(), report.deadline)
+            if next_predicted is None:
+                report.stop_reason = StopReason.DEADLINE
+                report.final_announced = False
+                return
+            k += 1
+            predicted = next_predicted
+
+    def _run_queued(self, report: RunReport, cap: int, on_result: Callable[[StageResult], Any] | None) -> None:
+        """Anytime on CUDA: queue stage k+1 before waiting for exit k, so the device never idles."""
+        now = time.monotonic()
+        predicted = self._admit(0, now, report.deadline)
+        if predicted is None:
+            report.stop_reason = StopReason.NO_TIME
+            return
+        k, started = 0, now
+        handle = self._executor.launch(0)
+        predicted_ready = started + predicted
+        while True:
+            next_predicted, next_started = None, 0.0
+            if k == self.num_stages - 1:
+                stop = StopReason.COMPLETE
+            elif k + 1 >= cap:
+                stop = StopReason.MAX_STAGE
+            else:
+                now = time.monotonic()
+                # The device starts stage k+1 when exit k is done: now if it already is,
+                # else (conservatively) when exit k is predicted to be ready.
+                next_started = now if self._executor.done(handle) else max(now, predicted_ready)
+                next_predicted = self._admit(k + 1, next_started, report.deadline)
+                stop = StopReason.NONE if next_predicted is not None else StopReason.DEADLINE
+            next_handle = self._executor.launch(k + 1) if next_predicted is not None else None
+            out = self._executor.wait(handle)
+            self._record(out)
+            self._emit(report, out, _rank(out.probs, self.top_k), stop, predicted, started, [k], on_result)
+            if next_handle is None:
+                return
+            k, handle, predicted, started = k + 1, next_handle, next_predicted, next_started
+            predicted_ready = next_started + next_predicted
+
+    def _run_apriori(self, report: RunReport, cap: int, on_result: Callable[[StageResult], Any] | None) -> None:
+        """Pick the deepest exit whose blocks 0..k + head k fit the remaining time; run only that."""
+        now = time.monotonic()
+        chosen, predicted = None, math.nan
+        if report.deadline is None:
+            chosen = cap - 1
+            if self.timing.is_calibrated:
+                predicted = self.timing.predict_exit_cost(chosen, self.admission_quantile) + self.overhead_s
+        elif now < report.deadline:
+            for k in range(cap - 1, -1, -1):
+                cost = self.timing.predict_exit_cost(k, self.admission_quantile) + self.overhead_s
+                if now + cost <= report.deadline:
+                    chosen, predicted = k, cost
+                    break
+        if chosen is None:
+            report.stop_reason = StopReason.NO_TIME
+            return
+        started = time.monotonic()
+        out = self._executor.wait(self._executor.launch_exit(chosen))
+        self._record(out)
+        if chosen == self.num_stages - 1:
+            stop = StopReason.COMPLETE
+        elif chosen == cap - 1 and cap < self.num_stages:
+            stop = StopReason.MAX_STAGE
+        else:
+            stop = StopReason.DEADLINE
+        self._emit(report, out, _rank(out.probs, self.top_k), stop, predicted, started,
+                   [j for j, _ in out.block_s], on_result)
+
+    # ------------------------------------------------------------------ helpers
+    def _admit(self, k: int, start: float, deadline: float | None) -> float | None:
+        """Predicted completion time of stage k if it fits between ``start`` and ``deadline``, else None.
+
+        Without a deadline every stage fits; its prediction is NaN when the model has no timings.
+        """
+        if deadline is None:
+            if self.timing.is_calibrated:
+                return self.timing.predict_anytime_completion(k, self.admission_quantile) + self.overhead_s
+            return math.nan
+        if start >= deadline:  # no stage takes zero time: no need to ask the model
+            return None
+        cost = self.timing.predict_anytime_completion(k, self.admission_quantile) + self.overhead_s
+        return cost if start + cost <= deadline else None
+
+    def _record(self, out: _StageOutput, force: bool = False) -> None:
+        if not (self.online_update or force):
+            return
+        for j, block_s in out.block_s:
+            self.timing.record(j, block_s=block_s)
+        self.timing.record(out.stage, head_s=out.head_s)
+
+    def _callback_estimate(self) -> float:
+        return max(self._callback_s) if self._callback_s else 0.0
+
+    def _emit(self, report: RunReport, out: _StageOutput, ranking: _Ranking, stop: StopReason, predicted: float,
+              started: float, blocks: list[int], on_result: Callable[[StageResult], Any] | None) -> None:
+        """Build the StageResult, add it to the report and hand it over."""
+        class_id = ranking.top_ids[0]
+        result = StageResult(
+            stage=out.stage + 1,
+            num_stages=self.num_stages,
+            class_id=class_id,
+            label=self.class_names[class_id] if class_id < len(self.class_names) else str(class_id),
+            score=ranking.top_scores[0],
+            top_ids=ranking.top_ids,
+            top_scores=ranking.top_scores,
+            ratio_1v2=ranking.ratio_1v2,
+            probs=out.probs,
+            ready_time=out.ready_time,
+            elapsed_s=out.ready_time - report.began_at,
+            is_final=stop is not StopReason.NONE,
+            stop_reason=stop,
+        )
+        report.results.append(result)
+        report.predicted_s.append(predicted)
+        report.actual_s.append(out.device_s)
+        report.started_at.append(started)
+        report.stages_run = max(report.stages_run, max(blocks) + 1)
+        report.stop_reason = stop
+        if on_result is not None:
+            t0 = time.monotonic()
+            on_result(result)
+            self._callback_s.append(time.monotonic() - t0)
+
+    def _stage_cap(self, max_stage: int | None) -> int:
+        """Number of exits allowed (1..K) from a 1-based cap; None or 0 = no cap, larger than K = K."""
+        if max_stage is None or max_stage == 0:
+            return self.num_stages
+        if not isinstance(max_stage, (int, np.integer)) or isinstance(max_stage, bool) or max_stage < 0:
+            raise EngineError(f"max_stage must be an integer >= 0 (0 = no cap), got {max_stage!r}")
+        return min(int(max_stage), self.num_stages)
+
+    @contextlib.contextmanager
+    def _device_scope(self) -> Iterator[None]:
+        """Make this engine's CUDA device current (streams and events belong to a device)."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                yield
+        else:
+            yield
+
+    def _describe_device(self) -> str:
+        """Calibration files are only valid for the same device, precision and execution mode."""
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            return f"cuda:{name}|{'fp16' if self.fp16 else 'fp32'}|{'graphs' if self.cuda_graphs else 'eager'}"
+        return f"cpu|fp32|threads={torch.get_num_threads()}"
+
+    def __repr__(self) -> str:
+        return (f"StagedEngine(device={self.device_label!r}, num_stages={self.num_stages}, "
+                f"input_size={self.input_size}, admission_quantile={self.admission_quantile}, "
+                f"calibrated={self.is_calibrated})")
+
+
+@dataclass
+class _Ranking:
+    top_ids: list[int]
+    top_scores: list[float]
+    ratio_1v2: float
+
+
+def _rank(probs: np.ndarray, top_k: int) -> _Ranking:
+    """Top-k ids and scores (best first, ties by lower id) and the 1-vs-2 ratio.
+
+    The runner-up is floored at RATIO_EPSILON so the ratio stays finite.
+    """
+    order = np.argsort(-probs, kind="stable")
+    p1, p2 = probs[order[:2]].tolist()
+    top = order[:top_k]
+    return _Ranking(top.tolist(), probs[top].tolist(), p1 / max(p2, RATIO_EPSILON))

@@ -1,0 +1,354 @@
+"""Per-stage latency model of a staged network: sliding windows, quantiles, calibration file.
+
+The staged engine decides before every stage whether that stage can still finish
+before the deadline. It needs, per stage, the time of the backbone block and the
+time of the early-prediction (EP) head, as a high quantile rather than a mean, so
+that a deadline is rarely overrun. Those times drift (GPU clocks, thermal
+throttling, other processes on the CPU), so the model keeps a sliding window of
+the most recent measurements per stage and part and every engine run feeds it.
+
+Stages are 0-based in this API (as in the model contract) and 1-based in the
+calibration file (as in the ROS messages).
+
+Calibration file (JSON)::
+
+    {"format": "impatient_ros.timing", "version": 1,
+     "device": "cpu", "input_size": [H, W],
+     "stages": [{"stage": 1, "mean_ms": .., "p50_ms": .., "p99_ms": .., "samples": n,
+                 "block_mean_ms": .., "head_mean_ms": ..,
+                 "block_samples_ms": [...], "head_samples_ms": [...]}, ...]}
+
+``mean_ms``/``p50_ms``/``p99_ms`` describe block + head of that stage alone, so a
+reader that only wants ready times (e.g. an offline report) can take the cumulative
+sum of ``mean_ms``. The raw sample lists are what :meth:`TimingModel.load` restores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from bisect import bisect_left, insort
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+FORMAT = "impatient_ros.timing"
+VERSION = 1
+
+__all__ = ["FORMAT", "VERSION", "TimingError", "TimingModel"]
+
+
+class TimingError(ValueError):
+    """Raised for missing timings (calibrate first) or a bad/mismatched calibration file."""
+
+
+class _Window:
+    """The latest ``size`` samples in arrival order, and the same samples kept sorted.
+
+    The engine asks for quantiles before every stage and records after every
+    stage, so a quantile must be cheap right after an update: with a sorted copy
+    it is an O(1) lookup (numpy's "linear" interpolation) instead of a sort.
+    """
+
+    __slots__ = ("recent", "ordered")
+
+    def __init__(self, size: int) -> None:
+        self.recent: deque[float] = deque(maxlen=size)
+        self.ordered: list[float] = []
+
+    def add(self, value: float) -> None:
+        if len(self.recent) == self.recent.maxlen:  # the oldest sample leaves the window
+            del self.ordered[bisect_left(self.ordered, self.recent[0])]
+        self.recent.append(value)
+        insort(self.ordered, value)
+
+    def quantile(self, q: float) -> float:
+        position = q * (len(self.ordered) - 1)
+        low = math.floor(position)
+        high = min(low + 1, len(self.ordered) - 1)
+        return self.ordered[low] + (position - low) * (self.ordered[high] - self.ordered[low])
+
+    def mean(self) -> float:
+        return math.fsum(self.recent) / len(self.recent)
+
+    def clear(self) -> None:
+        self.recent.clear()
+        self.ordered.clear()
+
+    def __len__(self) -> int:
+        return len(self.recent)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self.recent)
+
+
+class TimingModel:
+    """Sliding windows of block and head latencies (seconds) for each stage.
+
+    Quantiles of a stage's total (and of an a-priori exit's path) are computed
+    as the sum of the parts' quantiles. That equals the quantile of the sum when
+    the parts slow down together (a throttled clock slows all of them) and
+    over-estimates it when they vary independently, so for latencies it is a
+    conservative bound: the safe side for deadline admission. (It is not a
+    strict bound for every distribution, since quantiles are not subadditive in
+    general; bench/bench_engine.py measures the p99 prediction error.) It also
+    works when block and head are measured a different number of times: the
+    a-priori mode runs blocks whose heads it skips.
+    """
+
+    def __init__(
+        self,
+        num_stages: int,
+        window: int = 256,
+        *,
+        device: str = "unknown",
+        input_size: tuple[int, int] | None = None,
+    ) -> None:
+        if num_stages < 1:
+            raise TimingError(f"num_stages must be >= 1, got {num_stages}")
+        if window < 1:
+            raise TimingError(f"window must be >= 1, got {window}")
+        self.num_stages = int(num_stages)
+        self.window = int(window)
+        self.device = str(device)
+        self.input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
+        self._block = [_Window(self.window) for _ in range(self.num_stages)]
+        self._head = [_Window(self.window) for _ in range(self.num_stages)]
+
+    # ------------------------------------------------------------------ updates
+    def record(self, stage: int, block_s: float | None = None, head_s: float | None = None) -> None:
+        """Add one measurement of stage ``stage`` (0-based): block and/or head time in seconds.
+
+        Either part may be ``None`` (the a-priori mode runs blocks whose head it skips).
+        The oldest sample of a full window is dropped, so the model follows drift.
+        """
+        self._check_stage(stage)
+        for part, value, store in (("block", block_s, self._block), ("head", head_s, self._head)):
+            if value is None:
+                continue
+            value = float(value)
+            if not math.isfinite(value) or value < 0.0:
+                raise TimingError(f"{part} time of stage {stage} must be a finite number >= 0 s, got {value!r}")
+            store[stage].add(value)
+
+    def reset(self) -> None:
+        """Forget every sample (e.g. before re-calibrating on a changed device)."""
+        for store in (*self._block, *self._head):
+            store.clear()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def is_calibrated(self) -> bool:
+        """True once every stage has at least one block and one head sample."""
+        return all(self._block) and all(self._head)
+
+    def sample_counts(self, stage: int) -> tuple[int, int]:
+        """(block samples, head samples) currently in the window of ``stage``."""
+        self._check_stage(stage)
+        return len(self._block[stage]), len(self._head[stage])
+
+    def block_samples(self, stage: int) -> list[float]:
+        """Copy of the block samples (seconds) of ``stage``, oldest first."""
+        self._check_stage(stage)
+        return list(self._block[stage])
+
+    def head_samples(self, stage: int) -> list[float]:
+        """Copy of the head samples (seconds) of ``stage``, oldest first."""
+        self._check_stage(stage)
+        return list(self._head[stage])
+
+    def block_cost(self, stage: int, q: float = 0.99) -> float:
+        """Quantile ``q`` of the block time of ``stage`` in seconds."""
+        return self._quantile("block", stage, q)
+
+    def head_cost(self, stage: int, q: float = 0.99) -> float:
+        """Quantile ``q`` of the head time of ``stage`` in seconds."""
+        return self._quantile("head", stage, q)
+
+    def stage_cost(self, stage: int, q: float = 0.99) -> float:
+        """Block + head of ``stage`` at quantile ``q`` (seconds; see the class note on summing)."""
+        return self.block_cost(stage, q) + self.head_cost(stage, q)
+
+    def predict_anytime_completion(self, stage: int, q: float = 0.99) -> float:
+        """Time from now until exit ``stage`` is ready when the previous stage just finished.
+
+        The anytime and cascade modes run block and head of each stage in turn,
+        so this is block + head of that stage at quantile ``q``.
+        """
+        return self.stage_cost(stage, q)
+
+    def predict_exit_cost(self, stage: int, q: float = 0.99) -> float:
+        """A-priori cost of exit ``stage``: blocks 0..stage plus only head ``stage``, at quantile ``q``.
+
+        Summing per-part quantiles over-estimates the quantile of the sum (the
+        parts are not perfectly correlated), a conservative bound for admission.
+        """
+        self._check_stage(stage)
+        return sum(self.block_cost(j, q) for j in range(stage + 1)) + self.head_cost(stage, q)
+
+    def summary(self) -> list[dict[str, float | int]]:
+        """Per stage (1-based): mean, p50, p90, p99 of block + head in ms, and sample counts."""
+        rows = []
+        for k in range(self.num_stages):
+            block, head = self._block[k], self._head[k]
+            row: dict[str, float | int] = {
+                "stage": k + 1,
+                "samples": min(len(block), len(head)),
+                "block_samples": len(block),
+                "head_samples": len(head),
+            }
+            if block and head:
+                row["mean_ms"] = 1e3 * (block.mean() + head.mean())
+                for name, q in (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99)):
+                    row[name] = 1e3 * self.stage_cost(k, q)
+            else:
+                for name in ("mean_ms", "p50_ms", "p90_ms", "p99_ms"):
+                    row[name] = math.nan
+            rows.append(row)
+        return rows
+
+    # ------------------------------------------------------------------ file I/O
+    def to_dict(self) -> dict[str, Any]:
+        """The calibration file content (see the module docstring)."""
+        if not self.is_calibrated:
+            raise TimingError("cannot save an uncalibrated timing model: every stage needs block and head samples "
+                              "(run StagedEngine.calibrate() first)")
+        stages = []
+        for row, block, head in zip(self.summary(), self._block, self._head):
+            stages.append({
+                "stage": row["stage"],
+                "mean_ms": row["mean_ms"],
+                "p50_ms": row["p50_ms"],
+                "p90_ms": row["p90_ms"],
+                "p99_ms": row["p99_ms"],
+                "samples": row["samples"],
+                "block_mean_ms": 1e3 * block.mean(),
+                "head_mean_ms": 1e3 * head.mean(),
+                "block_samples_ms": [1e3 * v for v in block],
+                "head_samples_ms": [1e3 * v for v in head],
+            })
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "device": self.device,
+            "input_size": None if self.input_size is None else list(self.input_size),
+            "stages": stages,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the calibration file atomically (temp file + rename) and return its path."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Any,
+        *,
+        num_stages: int | None = None,
+        device: str | None = None,
+        input_size: tuple[int, int] | None = None,
+        window: int = 256,
+        source: str = "calibration data",
+    ) -> TimingModel:
+        """Rebuild a model from :meth:`to_dict` output, checking it against the expected network.
+
+        ``num_stages``, ``device`` and ``input_size``, when given, must match the
+        file; latencies measured on another device or input size would make the
+        admission decisions wrong, so a mismatch is an error, not a warning.
+        """
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise TimingError(f"{source} is not an impatient_ros timing calibration "
+                              f"(expected \"format\": \"{FORMAT}\")")
+        if data.get("version") != VERSION:
+            raise TimingError(f"{source} has calibration version {data.get('version')!r}; this code reads "
+                              f"version {VERSION}: re-run the calibration")
+        stages = data.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise TimingError(f"{source} has no \"stages\" list")
+        if num_stages is not None and len(stages) != num_stages:
+            raise TimingError(f"{source} describes {len(stages)} stages but the network has {num_stages}: "
+                              "it belongs to another network; re-run the calibration")
+        file_device = str(data.get("device", "unknown"))
+        if device is not None and file_device != device:
+            raise TimingError(f"{source} was measured on device {file_device!r}, not {device!r}: "
+                              "re-run the calibration on this device")
+        file_size = data.get("input_size")
+        if file_size is not None:
+            if not (isinstance(file_size, list) and len(file_size) == 2 and all(isinstance(v, int) for v in file_size)):
+                raise TimingError(f"{source}: \"input_size\" must be [H, W], got {file_size!r}")
+            file_size = (file_size[0], file_size[1])
+        if input_size is not None and file_size != tuple(input_size):
+            raise TimingError(f"{source} was measured at input size {file_size} but the network takes "
+                              f"{tuple(input_size)}: re-run the calibration")
+        model = cls(len(stages), window=window, device=file_device, input_size=file_size)
+        for index, entry in enumerate(stages):
+            if not isinstance(entry, dict) or entry.get("stage") != index + 1:
+                raise TimingError(f"{source}: stage entry {index} must be an object with \"stage\": {index + 1}")
+            for key in ("block_samples_ms", "head_samples_ms"):
+                values = entry.get(key)
+                if not isinstance(values, list) or not values:
+                    raise TimingError(f"{source}: stage {index + 1} needs a non-empty \"{key}\" list")
+                for value in values[-window:]:
+                    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                        raise TimingError(f"{source}: stage {index + 1} \"{key}\" holds {value!r}, "
+                                          "not a time >= 0 ms")
+                    if key == "block_samples_ms":
+                        model.record(index, block_s=value / 1e3)
+                    else:
+                        model.record(index, head_s=value / 1e3)
+        return model
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        num_stages: int | None = None,
+        device: str | None = None,
+        input_size: tuple[int, int] | None = None,
+        window: int = 256,
+    ) -> TimingModel:
+        """Read a calibration file written by :meth:`save` (see :meth:`from_dict` for the checks)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TimingError(f"calibration file {path} does not exist: run the calibration first") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TimingError(f"calibration file {path} cannot be read as JSON: {exc}") from exc
+        return cls.from_dict(data, num_stages=num_stages, device=device, input_size=input_size,
+                             window=window, source=f"calibration file {path}")
+
+    # ------------------------------------------------------------------ helpers
+    def _check_stage(self, stage: int) -> None:
+        if not 0 <= stage < self.num_stages:
+            raise TimingError(f"stage {stage} is out of range: this model has stages 0..{self.num_stages - 1}")
+
+    def _quantile(self, part: str, stage: int, q: float) -> float:
+        self._check_stage(stage)
+        if not 0.0 <= q <= 1.0:
+            raise TimingError(f"quantile must lie in [0, 1], got {q}")
+        samples = (self._block if part == "block" else self._head)[stage]
+        if not samples:
+            raise TimingError(f"no {part} timing for stage {stage + 1} yet: calibrate the engine "
+                              "(StagedEngine.calibrate()) or load a calibration file before running under a deadline")
+        return samples.quantile(q)
+
+    def __repr__(self) -> str:
+        counts = [min(len(b), len(h)) for b, h in zip(self._block, self._head)]
+        return f"TimingModel(num_stages={self.num_stages}, window={self.window}, device={self.device!r}, samples={counts})"

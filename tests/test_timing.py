@@ -1,0 +1,152 @@
+"""TimingModel: quantiles, sliding window, predictions, calibration file round trip and rejection."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from impatient_ros.timing import FORMAT, VERSION, TimingError, TimingModel
+
+
+def _fed(num_stages: int = 3, block=(0.010, 0.020, 0.030), head=(0.001, 0.002, 0.003), n: int = 10) -> TimingModel:
+    model = TimingModel(num_stages, device="cpu", input_size=(28, 28))
+    for _ in range(n):
+        for k in range(num_stages):
+            model.record(k, block[k], head[k])
+    return model
+
+
+def test_constant_costs_give_exact_predictions():
+    model = _fed()
+    assert model.is_calibrated
+    assert model.block_cost(1, 0.99) == pytest.approx(0.020)
+    assert model.head_cost(2, 0.5) == pytest.approx(0.003)
+    assert model.stage_cost(0) == pytest.approx(0.011)
+    assert model.predict_anytime_completion(2) == pytest.approx(0.033)
+    # a-priori exit 2: blocks 0, 1, 2 and head 2 only
+    assert model.predict_exit_cost(2) == pytest.approx(0.010 + 0.020 + 0.030 + 0.003)
+    assert model.predict_exit_cost(0) == pytest.approx(0.011)
+
+
+def test_quantiles_follow_numpy():
+    model = TimingModel(1)
+    samples = np.random.default_rng(0).exponential(0.01, size=200)
+    for value in samples:
+        model.record(0, block_s=value, head_s=value / 10)
+    for q in (0.5, 0.9, 0.99):
+        assert model.block_cost(0, q) == pytest.approx(np.quantile(samples, q))
+        assert model.stage_cost(0, q) == pytest.approx(1.1 * np.quantile(samples, q))
+
+
+def test_window_drops_old_samples_and_follows_drift():
+    model = TimingModel(1, window=8)
+    for _ in range(8):
+        model.record(0, 0.001, 0.001)
+    assert model.stage_cost(0, 0.99) == pytest.approx(0.002)
+    for _ in range(8):  # the device got slower (thermal throttling)
+        model.record(0, 0.005, 0.001)
+    assert model.block_cost(0, 0.0) == pytest.approx(0.005)
+    assert model.sample_counts(0) == (8, 8)
+
+
+def test_cache_invalidated_on_record():
+    model = TimingModel(1)
+    model.record(0, 0.001, 0.001)
+    assert model.block_cost(0) == pytest.approx(0.001)
+    model.record(0, block_s=0.1)  # block only, as the a-priori mode records skipped heads
+    assert model.block_cost(0, 1.0) == pytest.approx(0.1)
+    assert model.sample_counts(0) == (2, 1)
+
+
+def test_unknown_cost_is_an_error_not_a_guess():
+    model = TimingModel(2)
+    assert not model.is_calibrated
+    with pytest.raises(TimingError, match="calibrate"):
+        model.stage_cost(0)
+    model.record(0, 0.001, 0.001)
+    with pytest.raises(TimingError, match="stage 2"):
+        model.predict_exit_cost(1)
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
+def test_bad_samples_and_arguments_rejected(bad):
+    model = TimingModel(2)
+    with pytest.raises(TimingError):
+        model.record(0, bad, 0.001)
+    with pytest.raises(TimingError, match="out of range"):
+        model.record(2, 0.001, 0.001)
+    model.record(0, 0.001, 0.001)
+    with pytest.raises(TimingError, match="quantile"):
+        model.block_cost(0, 1.5)
+    with pytest.raises(TimingError):
+        TimingModel(0)
+
+
+def test_summary_reports_stage_totals():
+    model = _fed()
+    rows = model.summary()
+    assert [row["stage"] for row in rows] == [1, 2, 3]
+    assert rows[1]["mean_ms"] == pytest.approx(22.0)
+    assert rows[1]["p50_ms"] == pytest.approx(22.0)
+    assert rows[1]["p90_ms"] == pytest.approx(22.0)
+    assert rows[1]["p99_ms"] == pytest.approx(22.0)
+    assert rows[1]["samples"] == 10
+    assert math.isnan(TimingModel(1).summary()[0]["mean_ms"])
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _fed()
+    model.record(1, 0.025, 0.004)
+    path = model.save(tmp_path / "calib" / "timing.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == FORMAT and data["version"] == VERSION
+    assert data["device"] == "cpu" and data["input_size"] == [28, 28]
+    stage2 = data["stages"][1]
+    assert stage2["stage"] == 2 and stage2["samples"] == 11
+    assert stage2["block_mean_ms"] == pytest.approx(1e3 * (10 * 0.020 + 0.025) / 11)
+    # Ready times are the cumulative sum of mean_ms (what another module reads).
+    assert stage2["mean_ms"] == pytest.approx(stage2["block_mean_ms"] + stage2["head_mean_ms"])
+    loaded = TimingModel.load(path, num_stages=3, device="cpu", input_size=(28, 28))
+    for k in range(3):
+        assert loaded.block_samples(k) == pytest.approx(model.block_samples(k))
+        assert loaded.head_samples(k) == pytest.approx(model.head_samples(k))
+        assert loaded.stage_cost(k) == pytest.approx(model.stage_cost(k))
+    assert loaded.device == "cpu" and loaded.input_size == (28, 28)
+    assert not list(tmp_path.glob("calib/*.tmp"))  # atomic write leaves no temp file
+
+
+def test_load_rejects_foreign_and_mismatched_files(tmp_path):
+    path = _fed().save(tmp_path / "timing.json")
+    with pytest.raises(TimingError, match="3 stages but the network has 4"):
+        TimingModel.load(path, num_stages=4)
+    with pytest.raises(TimingError, match="device"):
+        TimingModel.load(path, device="cuda:NVIDIA H100")
+    with pytest.raises(TimingError, match="input size"):
+        TimingModel.load(path, input_size=(224, 224))
+    data = json.loads(path.read_text())
+    cases = {
+        "foreign.json": {"format": "something.else", "stages": []},
+        "version.json": {**data, "version": 99},
+        "order.json": {**data, "stages": data["stages"][::-1]},
+        "empty.json": {**data, "stages": [{**data["stages"][0], "block_samples_ms": []}]},
+        "negative.json": {**data, "stages": [{**data["stages"][0], "head_samples_ms": [-1.0]}]},
+    }
+    messages = {"foreign.json": "not an impatient_ros timing", "version.json": "version 99",
+                "order.json": "stage entry 0", "empty.json": "non-empty", "negative.json": "not a time"}
+    for name, content in cases.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        with pytest.raises(TimingError, match=messages[name]):
+            TimingModel.load(tmp_path / name)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(TimingError, match="JSON"):
+        TimingModel.load(tmp_path / "broken.json")
+    with pytest.raises(TimingError, match="does not exist"):
+        TimingModel.load(tmp_path / "missing.json")
+
+
+def test_uncalibrated_model_cannot_be_saved(tmp_path):
+    with pytest.raises(TimingError, match="calibrate"):
+        TimingModel(2).save(tmp_path / "t.json")
