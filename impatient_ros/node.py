@@ -1,0 +1,784 @@
+"""The ROS 2 node ``impatient_node``: camera images in, one StagePrediction per exit out, under a deadline.
+
+A thin adapter: image decoding (:mod:`impatient_ros.image_convert`), the budget
+policy (:mod:`impatient_ros.budget_policy`), staged inference
+(:mod:`impatient_ros.engine`), message filling (:mod:`impatient_ros.messages`)
+and statistics (:mod:`impatient_ros.diagnostics`) are pure modules; this file
+wires them to topics, parameters and the lifecycle.
+
+Topics (relative names, so ``-r __ns:=`` and remaps apply)::
+
+    in   image                sensor_msgs/Image            (input_transport: raw)
+    in   image/compressed     sensor_msgs/CompressedImage  (input_transport: compressed; follows a
+                                                            remap of ``image`` like image_transport)
+    in   budget               impatient_ros/Budget
+    in   battery_state        sensor_msgs/BatteryState
+    out  ~/stage_1 .. ~/stage_K  impatient_ros/StagePrediction (one message per image and exit)
+    out  ~/prediction            impatient_ros/StagePrediction (every stage's message, in order)
+    out  /diagnostics            diagnostic_msgs/DiagnosticArray (every diagnostics_period_s)
+
+Threads: the executor thread runs subscription, parameter, lifecycle and timer
+callbacks; a dedicated inference thread takes the newest image from a
+single-slot mailbox and runs the engine, publishing each exit's message from
+its ``on_result`` callback the moment the exit is ready. So budget and battery
+updates are never queued behind a running stage, and an image that arrives
+while another waits replaces it (counted as dropped): the node always works on
+the newest frame.
+
+Lifecycle (``rclpy.lifecycle``): parameters are declared in the constructor;
+*configure* loads the checkpoint, builds the engine and calibrates it (or loads
+``calibration_file``) and creates the publishers; *activate* creates the
+subscriptions and starts the inference thread; *deactivate* stops both;
+*cleanup* releases the engine (and GPU memory). With ``autostart`` (default
+true, since pip installs have no lifecycle manager) the node configures and
+activates itself at start-up and exits with status 1 if that fails.
+
+Deadlines (see :mod:`impatient_ros.budget_policy`): deadline = reference time
++ effective budget, on ``time.monotonic()``. The image callback reads the
+node's ROS clock and the monotonic clock together at arrival; with
+``reference_time: stamp`` the header stamp is shifted by their difference onto
+the monotonic clock, so the image's age at arrival counts against its budget.
+The budget is looked up when inference of the image starts, so a new Budget
+message applies to the next image processed.
+
+Each image gets exactly one message with ``is_final`` true on ``~/prediction``.
+In the rare case that the engine handed over an exit as not final and then
+found no time for the next one (the ``on_result`` callback itself took
+unusually long), the node repeats that exit's message on ``~/prediction``
+with ``is_final`` true and ``stop_reason`` DEADLINE (counted as
+``final_announcements_repaired``). An image for which not even stage 1 fits
+the budget (NO_TIME) publishes nothing; it is counted and logged (throttled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import BatteryState, CompressedImage, Image
+
+from impatient_ros.budget_policy import (
+    BudgetPolicy,
+    BudgetPolicyConfig,
+    combine_stage_caps,
+    reference_time,
+    validate_energy_table,
+)
+from impatient_ros.diagnostics import ERROR, NodeStats, StatsSnapshot, build_report
+from impatient_ros.image_convert import ImageConversionError, compressed_to_array, image_to_array
+from impatient_ros.messages import build_stage_prediction, resolve_labels, stage_accuracy
+from impatient_ros.msg import Budget, StagePrediction
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "NODE_NAME",
+    "PARAMETERS",
+    "ImpatientNode",
+    "LatestFrameMailbox",
+    "ParamSpec",
+    "check_parameters",
+    "default_checkpoint_candidates",
+    "main",
+]
+
+NODE_NAME = "impatient_node"
+DEFAULT_MODEL_NAME = "fashion_mnist_smallcnn.pt"
+MODES = ("anytime", "apriori", "cascade")
+TRANSPORTS = ("raw", "compressed")
+RELIABILITIES = ("best_effort", "reliable")
+REFERENCE_TIMES = ("stamp", "arrival")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_THROTTLE_S = 5.0
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One node parameter: name, default, description and the constraints its descriptor carries.
+
+    ``default`` None declares a typed parameter without a value (``labels``: unset
+    means "the checkpoint's class names"); ``choices`` are checked by
+    :func:`check_parameters` and listed in the description.
+    """
+
+    name: str
+    default: Any
+    description: str
+    read_only: bool = False
+    float_range: tuple[float, float] | None = None
+    int_range: tuple[int, int] | None = None
+    choices: tuple[str, ...] = ()
+    unset_type: Parameter.Type | None = None
+
+    def descriptor(self) -> ParameterDescriptor:
+        """The ParameterDescriptor declared for this parameter."""
+        text = self.description + (f" One of: {', '.join(self.choices)}." if self.choices else "")
+        desc = ParameterDescriptor(description=text, read_only=self.read_only)
+        if self.choices:
+            desc.additional_constraints = "one of: " + ", ".join(self.choices)
+        if self.float_range:
+            desc.floating_point_range = [FloatingPointRange(
+                from_value=float(self.float_range[0]), to_value=float(self.float_range[1]), step=0.0)]
+        if self.int_range:
+            desc.integer_range = [IntegerRange(from_value=self.int_range[0], to_value=self.int_range[1], step=1)]
+        return desc
+
+
+PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("checkpoint", "", "Checkpoint file (.pt) to run. Empty: the embedded Fashion-MNIST model "
+              f"({DEFAULT_MODEL_NAME}) from share/impatient_ros/models or the source tree's models/.",
+              read_only=True),
+    ParamSpec("device", "auto", "Inference device: auto (CUDA if available), cpu, cuda or cuda:N.",
+              read_only=True),
+    ParamSpec("allow_cpu_fallback", True, "Run on the CPU (with a warning) when the CUDA device asked for "
+              "does not exist; false makes configuration fail instead.", read_only=True),
+    ParamSpec("fp16", False, "Half precision on CUDA (ignored on the CPU).", read_only=True),
+    ParamSpec("cuda_graphs", True, "Capture one CUDA graph per stage (much lower launch overhead).",
+              read_only=True),
+    ParamSpec("calibration_file", "", "Timing calibration (JSON). If it exists and matches this network and "
+              "device it is loaded instead of calibrating at configure; otherwise the node calibrates and "
+              "writes it. Empty: always calibrate, write nothing.", read_only=True),
+    ParamSpec("mode", "anytime", "anytime: publish every exit until the deadline; apriori: pick the deepest "
+              "exit that fits the budget and run only it; cascade: like anytime but stop once an exit is "
+              "confident (1-vs-2 ratio >= cascade_threshold).", choices=MODES),
+    ParamSpec("default_budget_ms", 0.0, "Time per image when neither a fresh Budget message nor the energy "
+              "table sets one, from the reference time. 0 = unlimited.", float_range=(0.0, 1e6)),
+    ParamSpec("max_budget_ms", 10000.0, "Budgets above this (Budget messages, default_budget_ms) are "
+              "rejected as absurd.", float_range=(0.001, 1e7)),
+    ParamSpec("admission_quantile", 0.99, "A stage starts only if this quantile of its measured latency "
+              "still fits before the deadline.", float_range=(0.5, 1.0)),
+    ParamSpec("cascade_threshold", 3.0, "cascade mode: stop when top-1 / top-2 probability >= this "
+              "(1.0 stops at stage 1).", float_range=(1.0, 1e12)),
+    ParamSpec("max_stage", 0, "Deepest exit to run (1..K); 0 = no cap. A Budget message's max_stage can "
+              "cap further.", int_range=(0, 255)),
+    ParamSpec("top_k", 5, "Number of class ids/scores in each message (clamped to the class count).",
+              int_range=(1, 1000)),
+    ParamSpec("input_transport", "raw", "raw: subscribe to sensor_msgs/Image on 'image'; compressed: to "
+              "sensor_msgs/CompressedImage on 'image/compressed'.", read_only=True, choices=TRANSPORTS),
+    ParamSpec("image_reliability", "best_effort", "Reliability of the camera subscription (history keep "
+              "last 1). best_effort matches every publisher; reliable only reliable ones.", read_only=True,
+              choices=RELIABILITIES),
+    ParamSpec("reference_time", "arrival", "Deadlines count from the image header stamp (mapped onto the "
+              "node's monotonic clock at arrival) or from the image's arrival.", choices=REFERENCE_TIMES),
+    ParamSpec("budget_timeout_s", 2.0, "A Budget message applies for this long after its arrival; "
+              "0 = until the next one.", float_range=(0.0, 86400.0)),
+    ParamSpec("battery_timeout_s", 10.0, "A BatteryState reading applies for this long after its "
+              "arrival; 0 = until the next one.", float_range=(0.0, 86400.0)),
+    ParamSpec("energy_soc_levels", [0.2, 0.5, 1.0], "Energy table: state-of-charge levels (0..1, strictly "
+              "increasing). A charge <= level i gets energy_budgets_ms[i]; above the last, the last entry."),
+    ParamSpec("energy_budgets_ms", [5.0, 20.0, 0.0], "Energy table: budget per level in ms; 0 = no energy "
+              "limit at that charge (default_budget_ms applies). Change both lists together with "
+              "set_parameters_atomically when their length changes."),
+    ParamSpec("labels", None, "Class names overriding the checkpoint's, one per class in class-id order. "
+              "Unset: the checkpoint's names.", unset_type=Parameter.Type.STRING_ARRAY),
+    ParamSpec("diagnostics_period_s", 1.0, "Period of the /diagnostics status.", float_range=(0.05, 60.0)),
+    ParamSpec("autostart", True, "Configure and activate at start-up (no lifecycle manager needed). "
+              "false: wait in 'unconfigured' for lifecycle transitions.", read_only=True),
+)
+_SPECS = {spec.name: spec for spec in PARAMETERS}
+
+
+def check_parameters(values: Mapping[str, Any], *, num_stages: int | None = None,
+                     num_classes: int | None = None) -> str | None:
+    """Why a complete set of parameter values is invalid, or None (pure; the on-set callback's rule).
+
+    ``values`` holds every parameter (current values merged with the proposed
+    change). ``num_stages``/``num_classes`` are known once a checkpoint is
+    loaded; before that, the checks that need them are skipped (configure
+    repeats them).
+    """
+    for name, value in values.items():
+        spec = _SPECS.get(name)
+        if spec is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{name} must be a finite number, got {value}"
+        if spec.choices and value not in spec.choices:
+            return f"{name} must be one of {', '.join(spec.choices)}; got {value!r}"
+    device = values.get("device")
+    if device is not None and not _DEVICE_PATTERN.match(str(device)):
+        return f"device must be auto, cpu, cuda or cuda:N; got {device!r}"
+    default_ms, max_ms = values.get("default_budget_ms"), values.get("max_budget_ms")
+    if default_ms is not None and max_ms is not None and default_ms > max_ms:
+        return f"default_budget_ms ({default_ms}) exceeds max_budget_ms ({max_ms})"
+    levels, budgets = values.get("energy_soc_levels"), values.get("energy_budgets_ms")
+    if levels is not None and budgets is not None:
+        reason = validate_energy_table(list(levels), list(budgets))
+        if reason:
+            return reason
+        if max_ms is not None and any(b > max_ms for b in budgets):
+            return f"energy_budgets_ms {list(budgets)} holds a budget above max_budget_ms ({max_ms})"
+    max_stage = values.get("max_stage")
+    if num_stages is not None and max_stage is not None and max_stage > num_stages:
+        return f"max_stage {max_stage} exceeds the network's {num_stages} stages (0 = no cap)"
+    labels = values.get("labels")
+    if num_classes is not None and labels and len(labels) != num_classes:
+        return f"labels has {len(labels)} entries but the network has {num_classes} classes; give one per class"
+    return None
+
+
+def default_checkpoint_candidates() -> list[Path]:
+    """Where the embedded model is looked for, in order: the ament share dir, the venv's share dir, models/."""
+    candidates = []
+    try:  # a colcon/ROS install registers the package in the ament index
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+
+        try:
+            candidates.append(Path(get_package_share_directory("impatient_ros")) / "models" / DEFAULT_MODEL_NAME)
+        except (PackageNotFoundError, OSError):  # OSError: AMENT_PREFIX_PATH unset (pip installs)
+            pass
+    except ImportError:
+        pass
+    candidates.append(Path(sys.prefix) / "share" / "impatient_ros" / "models" / DEFAULT_MODEL_NAME)
+    candidates.append(Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODEL_NAME)
+    unique: list[Path] = []
+    for path in candidates:
+        if path not in unique:
+            unique.append(path)
+    return unique
+
+
+# --------------------------------------------------------------------------- mailbox
+
+
+class LatestFrameMailbox:
+    """A single slot: ``put`` replaces a waiting item, ``take`` blocks until one is there (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+
+    def put(self, item: Any) -> bool:
+        """Store ``item``; True if it replaced one that was still waiting (a dropped frame)."""
+        with self._cond:
+            replaced = self._item is not None
+            self._item = item
+            self._cond.notify()
+            return replaced
+
+    def take(self, timeout: float | None = None) -> Any:
+        """The waiting item (emptying the slot), or None after ``timeout`` seconds."""
+        with self._cond:
+            if self._item is None:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+    def clear(self) -> int:
+        """Empty the slot; 1 if an item was discarded, else 0."""
+        with self._cond:
+            discarded = int(self._item is not None)
+            self._item = None
+            return discarded
+
+    def wake(self) -> None:
+        """Wake a waiting ``take`` (used when stopping the inference thread)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class _Frame:
+    msg: Any            # sensor_msgs/Image or CompressedImage
+    arrival: float      # time.monotonic() at the callback
+    ros_now_s: float    # the node's ROS clock at the same moment (maps stamps onto monotonic time)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """Run-time parameters the inference thread reads once per image (replaced atomically)."""
+
+    mode: str
+    max_stage: int
+    cascade_threshold: float
+    admission_quantile: float
+    top_k: int
+    reference_time: str
+    labels: tuple[str, ...] | None
+
+
+def _duration_s(duration: Any) -> float:
+    return float(duration.sec) + float(duration.nanosec) * 1e-9
+
+
+# --------------------------------------------------------------------------- the node
+
+
+class ImpatientNode(LifecycleNode):
+    """Deadline-aware staged classification of camera images (see the module docstring)."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        for spec in PARAMETERS:
+            value = spec.unset_type if spec.default is None else spec.default
+            self.declare_parameter(spec.name, value, spec.descriptor())
+        # Overrides (-p, --params-file) were applied by the declarations: validate them as a whole.
+        reason = check_parameters(self._parameter_values())
+        if reason:
+            raise ParameterException(f"invalid parameters: {reason}", [])
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_post_set_parameters_callback(self._after_set_parameters)
+
+        self._stats = NodeStats()
+        self._policy = BudgetPolicy(self._policy_config())
+        self._settings = self._read_settings()
+        self._mailbox = LatestFrameMailbox()
+        self._engine: Any = None
+        self._labels: list[str] = []
+        self._stage_pubs: list[Any] = []
+        self._prediction_pub: Any = None
+        self._subscriptions: list[Any] = []
+        self._worker: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._seq = 0
+        self._predicted_ms: tuple[float, ...] = ()  # per stage, at the admission quantile
+        self._median_ms: tuple[float, ...] = ()
+        self._state = "unconfigured"
+        self._error = ""
+        self._last_snapshot: StatsSnapshot | None = None
+        # Diagnostics run in every lifecycle state, so a failed configure is visible too.
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(self._param("diagnostics_period_s"), self._publish_diagnostics)
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def autostart(self) -> bool:
+        """Whether main() configures and activates the node at start-up."""
+        return bool(self._param("autostart"))
+
+    def _param(self, name: str) -> Any:
+        return self.get_parameter(name).value
+
+    def _parameter_values(self) -> dict[str, Any]:
+        values = {}
+        for spec in PARAMETERS:
+            values[spec.name] = self.get_parameter_or(spec.name).value  # None while unset (labels)
+        return values
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        proposed = self._parameter_values()
+        for param in params:
+            if param.name in _SPECS and param.type_ == Parameter.Type.NOT_SET:
+                return SetParametersResult(successful=False, reason=f"{param.name} cannot be undeclared")
+            proposed[param.name] = param.value
+        engine = self._engine
+        reason = check_parameters(
+            proposed,
+            num_stages=engine.num_stages if engine is not None else None,
+            num_classes=engine.num_classes if engine is not None else None,
+        )
+        return SetParametersResult(successful=reason is None, reason=reason or "")
+
+    def _after_set_parameters(self, params: list[Parameter]) -> None:
+        names = {p.name for p in params}
+        self._policy.configure(self._policy_config())
+        self._settings = self._read_settings()
+        if "labels" in names and self._engine is not None:
+            self._labels = self._resolve_labels(self._engine)
+        if "diagnostics_period_s" in names:
+            self.destroy_timer(self._diag_timer)
+            self._diag_timer = self.create_timer(self._param("diagnostics_period_s"), self._publish_diagnostics)
+
+    def _policy_config(self) -> BudgetPolicyConfig:
+        return BudgetPolicyConfig(
+            default_budget_s=self._param("default_budget_ms") / 1e3,
+            budget_timeout_s=self._param("budget_timeout_s"),
+            battery_timeout_s=self._param("battery_timeout_s"),
+            energy_soc_levels=tuple(self._param("energy_soc_levels")),
+            energy_budgets_s=tuple(b / 1e3 for b in self._param("energy_budgets_ms")),
+            max_budget_s=self._param("max_budget_ms") / 1e3,
+        )
+
+    def _read_settings(self) -> _Settings:
+        labels = self._parameter_values()["labels"]
+        return _Settings(
+            mode=self._param("mode"),
+            max_stage=int(self._param("max_stage")),
+            cascade_threshold=float(self._param("cascade_threshold")),
+            admission_quantile=float(self._param("admission_quantile")),
+            top_k=int(self._param("top_k")),
+            reference_time=self._param("reference_time"),
+            labels=tuple(labels) if labels else None,
+        )
+
+    def _resolve_labels(self, engine: Any) -> list[str]:
+        return resolve_labels(engine.class_names, self._settings.labels, engine.num_classes)
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load the checkpoint, build and calibrate the engine, create the publishers."""
+        try:
+            self._configure()
+        except Exception as exc:  # rclpy would swallow it: report why configuration failed
+            self._error = f"configure failed: {exc}"
+            self.get_logger().error(self._error)
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+        self._state, self._error = "inactive", ""
+        return TransitionCallbackReturn.SUCCESS
+
+    def _configure(self) -> None:
+        # Imported here: torch takes seconds to import, parameter errors should not wait for it.
+        from impatient_ros.checkpoint import CheckpointError, load_checkpoint
+        from impatient_ros.engine import StagedEngine
+        from impatient_ros.timing import TimingError
+
+        path = self._checkpoint_path()
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise RuntimeError(f"cannot load checkpoint: {exc}") from exc
+        engine = StagedEngine(
+            checkpoint, self._param("device"),
+            admission_quantile=self._settings.admission_quantile,
+            top_k=self._settings.top_k,
+            fp16=self._param("fp16"),
+            cuda_graphs=self._param("cuda_graphs"),
+            allow_cpu_fallback=self._param("allow_cpu_fallback"),
+        )
+        reason = check_parameters(self._parameter_values(), num_stages=engine.num_stages,
+                                  num_classes=engine.num_classes)
+        if reason:
+            raise RuntimeError(f"parameters do not fit checkpoint {path}: {reason}")
+        self._calibrate(engine, TimingError)
+        self._engine = engine
+        self._labels = self._resolve_labels(engine)
+        self._update_predictions(engine)
+        results_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self._stage_pubs = [self.create_publisher(StagePrediction, f"~/stage_{k}", results_qos)
+                            for k in range(1, engine.num_stages + 1)]
+        self._prediction_pub = self.create_publisher(StagePrediction, "~/prediction", results_qos)
+        self.get_logger().info(
+            f"configured: {path} ({engine.num_stages} stages, {engine.num_classes} classes) on "
+            f"{engine.device_label}; stage cost p{100 * engine.admission_quantile:g} [ms]: "
+            + ", ".join(f"{ms:.2f}" for ms in self._predicted_ms))
+
+    def _checkpoint_path(self) -> Path:
+        configured = str(self._param("checkpoint")).strip()
+        if configured:
+            return Path(configured).expanduser()
+        candidates = default_checkpoint_candidates()
+        for path in candidates:
+            if path.is_file():
+                return path
+        raise RuntimeError("no checkpoint parameter given and the embedded model was not found in "
+                           + ", ".join(str(p) for p in candidates)
+                           + "; set -p checkpoint:=/path/to/model.pt (train one with impatient-train)")
+
+    def _calibrate(self, engine: Any, timing_error: type[Exception]) -> None:
+        calibration = str(self._param("calibration_file")).strip()
+        if calibration and Path(calibration).expanduser().is_file():
+            try:
+                engine.load_calibration(Path(calibration).expanduser())
+                self.get_logger().info(f"timing calibration loaded from {calibration}")
+                return
+            except timing_error as exc:
+                self.get_logger().warning(f"{exc}; calibrating again")
+        engine.calibrate()
+        if calibration:
+            saved = engine.save_calibration(Path(calibration).expanduser())
+            self.get_logger().info(f"timing calibration written to {saved}")
+
+    def _update_predictions(self, engine: Any) -> None:
+        # The timing model is not thread-safe: only the thread that runs the engine reads it.
+        if engine.timing.is_calibrated:
+            q, timing = engine.admission_quantile, engine.timing
+            self._predicted_ms = tuple(1e3 * (timing.predict_anytime_completion(k, q) + engine.overhead_s)
+                                       for k in range(engine.num_stages))
+            self._median_ms = tuple(1e3 * (timing.stage_cost(k, 0.5) + engine.overhead_s)
+                                    for k in range(engine.num_stages))
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Subscribe to images, budget and battery and start the inference thread."""
+        try:
+            self._activate()
+        except Exception as exc:
+            self._error = f"activate failed: {exc}"
+            self.get_logger().error(self._error)
+            self._deactivate()
+            return TransitionCallbackReturn.FAILURE
+        self._state, self._error = "active", ""
+        return TransitionCallbackReturn.SUCCESS
+
+    def _activate(self) -> None:
+        transport = self._param("input_transport")
+        reliability = (ReliabilityPolicy.RELIABLE if self._param("image_reliability") == "reliable"
+                       else ReliabilityPolicy.BEST_EFFORT)
+        image_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=reliability)
+        if transport == "compressed":
+            image_sub = self.create_subscription(CompressedImage, self._compressed_topic(), self._on_image,
+                                                 image_qos)
+        else:
+            image_sub = self.create_subscription(Image, "image", self._on_image, image_qos)
+        budget_sub = self.create_subscription(
+            Budget, "budget", self._on_budget, QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+        # Best effort matches reliable and best-effort battery publishers alike; only the newest reading matters.
+        battery_sub = self.create_subscription(
+            BatteryState, "battery_state", self._on_battery,
+            QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT))
+        self._subscriptions = [image_sub, budget_sub, battery_sub]
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._worker_loop, args=(self._stop,), name="impatient_inference",
+                                        daemon=True)
+        self._worker.start()
+        self.get_logger().info(f"active: images on {image_sub.topic_name} ({transport}), "
+                               f"results on {self._prediction_pub.topic_name}")
+
+    def _compressed_topic(self) -> str:
+        """'image/compressed', following a remap of 'image' as image_transport does (unless remapped itself)."""
+        direct = self.resolve_topic_name("image/compressed")
+        if direct != self.resolve_topic_name("image/compressed", only_expand=True):
+            return direct
+        return self.resolve_topic_name("image") + "/compressed"
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop the inference thread and drop the subscriptions."""
+        self._deactivate()
+        self._state = "inactive"
+        return TransitionCallbackReturn.SUCCESS
+
+    def _deactivate(self) -> None:
+        self._stop.set()
+        self._mailbox.wake()
+        if self._worker is not None:
+            self._worker.join(timeout=30.0)
+            if self._worker.is_alive():
+                self.get_logger().error("the inference thread did not stop within 30 s")
+            self._worker = None
+        for sub in self._subscriptions:
+            self.destroy_subscription(sub)
+        self._subscriptions = []
+        discarded = self._mailbox.clear()
+        if discarded:
+            self._stats.frame_dropped(discarded)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Release the engine (and its GPU memory) and the publishers; zero the statistics."""
+        self._release()
+        self._stats.reset()
+        self._last_snapshot = None
+        self._state = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop everything."""
+        self.release_all()
+        self._state = "finalized"
+        return TransitionCallbackReturn.SUCCESS
+
+    def release_all(self) -> None:
+        """Stop the inference thread, drop subscriptions, publishers and the engine (idempotent)."""
+        self._deactivate()
+        self._release()
+
+    def _release(self) -> None:
+        for pub in [*self._stage_pubs, self._prediction_pub]:
+            if pub is not None:
+                self.destroy_publisher(pub)
+        self._stage_pubs, self._prediction_pub = [], None
+        engine, self._engine = self._engine, None
+        self._predicted_ms, self._median_ms = (), ()
+        if engine is not None:
+            on_cuda = engine.device.type == "cuda"
+            del engine
+            if on_cuda:
+                import torch
+
+                torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ callbacks (executor thread)
+    def _on_image(self, msg: Any) -> None:
+        arrival = time.monotonic()
+        ros_now_s = self.get_clock().now().nanoseconds * 1e-9
+        self._stats.frame_received()
+        if self._mailbox.put(_Frame(msg, arrival, ros_now_s)):
+            self._stats.frame_dropped()
+
+    def _on_budget(self, msg: Any) -> None:
+        reason = self._policy.on_budget(_duration_s(msg.budget), msg.max_stage, msg.source, time.monotonic())
+        if reason:
+            self.get_logger().warning(
+                f"Budget rejected ({reason}): {msg.budget.sec} s + {msg.budget.nanosec} ns from "
+                f"'{msg.source}'; budgets must lie in 0..max_budget_ms={self._param('max_budget_ms')} ms",
+                throttle_duration_sec=_THROTTLE_S)
+
+    def _on_battery(self, msg: Any) -> None:
+        reason = self._policy.on_battery(float(msg.percentage), time.monotonic())
+        if reason:
+            self.get_logger().warning(
+                f"BatteryState rejected ({reason}): percentage {msg.percentage}; expected 0..1",
+                throttle_duration_sec=_THROTTLE_S)
+
+    def _publish_diagnostics(self) -> None:
+        now = time.monotonic()
+        budget = self._policy.effective(now)
+        snap = self._stats.snapshot()
+        engine = self._engine
+        extra = [("state", self._state), ("mode", self._settings.mode),
+                 ("reference_time", self._settings.reference_time)]
+        if engine is not None:
+            extra += [("device", engine.device_label), ("num_stages", str(engine.num_stages))]
+            extra += [(f"stage_{k}_predicted_ms", f"{ms:.3f}") for k, ms in enumerate(self._predicted_ms, 1)]
+            extra += [(f"stage_{k}_median_ms", f"{ms:.3f}") for k, ms in enumerate(self._median_ms, 1)]
+        soc = self._policy.battery_soc(now)
+        extra.append(("battery_soc", "n/a" if soc is None else f"{soc:.3f}"))
+        if self._error:
+            extra.append(("error", self._error))
+        report = build_report(
+            snap, self._last_snapshot, active=self._state == "active", budget_ms=budget.budget_ms,
+            budget_source=budget.source, budget_detail=budget.detail,
+            input_rejections=self._policy.rejections(), extra=extra,
+            num_stages=engine.num_stages if engine is not None else 0)
+        self._last_snapshot = snap
+        status = DiagnosticStatus(
+            level=(ERROR if self._error else report.level).to_bytes(1, "little"),
+            name=f"{self.get_fully_qualified_name()}: staged inference",
+            message=self._error or report.message,
+            hardware_id=engine.device_label if engine is not None else "",
+            values=[KeyValue(key=k, value=v) for k, v in report.values],
+        )
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        try:
+            self._diag_pub.publish(array)
+        except Exception as exc:  # noqa: BLE001 - shutdown races must not kill the executor
+            self.get_logger().debug(f"diagnostics not published: {exc}")
+
+    # ------------------------------------------------------------------ inference thread
+    def _worker_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            frame = self._mailbox.take(timeout=0.2)
+            if frame is None or stop.is_set():
+                continue
+            try:
+                self._process(frame)
+            except Exception as exc:  # one bad frame must not end the node's inference
+                self._stats.frame_rejected("engine_error")
+                self.get_logger().error(f"inference failed: {type(exc).__name__}: {exc}",
+                                        throttle_duration_sec=_THROTTLE_S)
+
+    def _decode(self, msg: Any) -> Any:
+        if isinstance(msg, CompressedImage):
+            return compressed_to_array(msg.format, msg.data)
+        return image_to_array(msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data)
+
+    def _process(self, frame: _Frame) -> None:
+        from impatient_ros.engine import StopReason
+        from impatient_ros.preprocess import PreprocessError
+
+        engine, settings = self._engine, self._settings
+        if engine is None:
+            return
+        msg = frame.msg
+        try:
+            image = self._decode(msg)
+        except ImageConversionError as exc:
+            self._stats.frame_rejected(exc.reason)
+            self.get_logger().warning(f"image rejected: {exc}", throttle_duration_sec=_THROTTLE_S)
+            return
+        stamp_s = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        ref = reference_time(settings.reference_time, stamp_s, frame.ros_now_s, frame.arrival)
+        if ref.fallback:
+            self._stats.reference_fallback(ref.fallback)
+        budget = self._policy.effective(time.monotonic())
+        deadline = budget.deadline(ref.monotonic)
+        cap = combine_stage_caps(settings.max_stage, budget.max_stage)
+        self._seq += 1
+        seq, labels, accuracy = self._seq, self._labels, engine.exit_accuracy
+        engine.admission_quantile = settings.admission_quantile
+        engine.top_k = min(settings.top_k, engine.num_classes)
+        published_at: list[float] = []
+
+        def publish(result: Any, stage_topic: bool = True) -> None:
+            latency = time.monotonic() - ref.monotonic
+            out = build_stage_prediction(
+                StagePrediction, result, header=msg.header, image_seq=seq, labels=labels,
+                accuracy=stage_accuracy(accuracy, result.stage), latency_s=latency, budget_s=budget.budget_s)
+            try:
+                if stage_topic:
+                    self._stage_pubs[result.stage - 1].publish(out)
+                self._prediction_pub.publish(out)
+            except Exception as exc:  # noqa: BLE001 - e.g. a saturated reliable writer; keep inferring
+                self._stats.frame_rejected("publish_failed")
+                self.get_logger().warning(f"could not publish stage {result.stage}: {exc}",
+                                          throttle_duration_sec=_THROTTLE_S)
+                return
+            published_at.append(time.monotonic())
+            self._stats.stage_published(result.stage, latency)
+
+        try:
+            report = engine.run(image.array, image.channel_order, deadline=deadline, mode=settings.mode,
+                                max_stage=cap or None, cascade_threshold=settings.cascade_threshold,
+                                on_result=publish)
+        except PreprocessError as exc:
+            self._stats.frame_rejected("preprocess_failed")
+            self.get_logger().warning(f"image rejected by preprocessing: {exc}", throttle_duration_sec=_THROTTLE_S)
+            return
+        repaired = False
+        if report.results and not report.final_announced:
+            last = report.results[-1]
+            publish(dataclasses.replace(last, is_final=True, stop_reason=StopReason.DEADLINE), stage_topic=False)
+            repaired = True
+        if report.stop_reason is StopReason.NO_TIME:
+            age_ms = 1e3 * (report.began_at - ref.monotonic)
+            first_ms = self._predicted_ms[0] if self._predicted_ms else math.nan
+            self.get_logger().warning(
+                f"no time for stage 1: budget {budget.budget_ms:.3f} ms ({budget.source}), image {age_ms:.1f} ms "
+                f"old at start, stage 1 needs {first_ms:.2f} ms; nothing published",
+                throttle_duration_sec=_THROTTLE_S)
+        self._stats.frame_processed(int(report.stop_reason), deadline, published_at[-1] if published_at else None,
+                                    repaired)
+        self._update_predictions(engine)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Run the node until shut down; returns the process exit status."""
+    rclpy.init(args=args)
+    node: ImpatientNode | None = None
+    status = 0
+    try:
+        node = ImpatientNode()
+        if node.autostart:
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                return 1
+            if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                return 1
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.spin()
+    except ParameterException as exc:
+        print(f"{NODE_NAME}: {exc}", file=sys.stderr)
+        status = 2
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.release_all()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
