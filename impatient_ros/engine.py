@@ -171,6 +171,7 @@ class RunReport:
     # False only if the on_result callback took so much longer than its recent maximum that the
     # next stage no longer fitted after a result was already handed over as not final.
     final_announced: bool = True
+    probed_stage: int | None = None   # 0-based stage measured after the run (see StagedEngine.probe_interval_s)
 
     @property
     def final(self) -> StageResult | None:
@@ -418,6 +419,7 @@ class StagedEngine:
         allow_cpu_fallback: bool = True,
         timing: TimingModel | None = None,
         online_update: bool = True,
+        probe_interval_s: float = 0.2,
     ) -> None:
         if not 0.0 < admission_quantile <= 1.0:
             raise EngineError(f"admission_quantile must lie in (0, 1], got {admission_quantile}")
@@ -431,8 +433,17 @@ class StagedEngine:
         self.fp16 = fp16
         self.admission_quantile = float(admission_quantile)
         self.online_update = online_update
+        # Starvation guard: a stage is admitted only on its own measured cost, and only
+        # stages that run are measured. A load spike that inflates a stage's quantile
+        # would otherwise refuse that stage (and all deeper ones) for ever. So, after a
+        # run stopped by the deadline, the refused stage is run once for measurement
+        # only (its answer is discarded, the frame's answers are already out), at most
+        # once per probe_interval_s per stage; 0 disables it.
+        self.probe_interval_s = float(probe_interval_s)
+        self._last_measured: list[float] = []
         self.net = checkpoint.net
         self.num_stages: int = self.net.num_stages
+        self._last_measured = [-math.inf] * self.num_stages
         self.num_classes: int = self.net.config.num_classes
         self.top_k = min(int(top_k), self.num_classes)
         self.class_names: list[str] = list(checkpoint.class_names or [])
@@ -578,6 +589,7 @@ class StagedEngine:
             else:
                 threshold = cascade_threshold if mode is Mode.CASCADE else math.inf
                 self._run_stepwise(report, cap, threshold, on_result)
+            self._probe_refused_stage(report)
         if deadline is not None and report.results:
             report.overrun_s = max(0.0, report.results[-1].ready_time - deadline)
             report.overran = report.overrun_s > 0.0
@@ -701,6 +713,22 @@ class StagedEngine:
         for j, block_s in out.block_s:
             self.timing.record(j, block_s=block_s)
         self.timing.record(out.stage, head_s=out.head_s)
+        self._last_measured[out.stage] = out.ready_time
+
+    def _probe_refused_stage(self, report: RunReport) -> None:
+        """Measure the stage the deadline refused, if it has not been measured lately (starvation guard)."""
+        if not (self.online_update and self.probe_interval_s > 0.0):
+            return
+        if report.stop_reason is StopReason.NO_TIME:
+            k = 0
+        elif report.stop_reason is StopReason.DEADLINE and report.mode is not Mode.APRIORI:
+            k = report.stages_run  # the executor holds block k-1's output: stage k can run next
+        else:
+            return
+        if k >= self.num_stages or time.monotonic() - self._last_measured[k] < self.probe_interval_s:
+            return
+        self._record(self._executor.wait(self._executor.launch(k)))
+        report.probed_stage = k
 
     def _callback_estimate(self) -> float:
         return max(self._callback_s) if self._callback_s else 0.0

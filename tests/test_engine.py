@@ -389,3 +389,25 @@ def test_cuda_engine_matches_eager_model(checkpoint_path, image, fp16, graphs, a
     assert [r.stage for r in report.results] == [1, 2] and report.stop_reason is StopReason.DEADLINE
     for started, predicted in zip(report.started_at, report.predicted_s):
         assert started + predicted <= deadline
+
+
+def test_refused_stage_is_probed_so_an_inflated_estimate_recovers(checkpoint, image):
+    # A load spike (10 s per stage) fills every window: without measurements of the
+    # refused stages the engine would answer NO_TIME for ever. Each stopped run
+    # measures the refused stage once (answer discarded), so the windows refill
+    # with real costs and, stage by stage, the network is admitted again.
+    timing = TimingModel(4, window=8)
+    for k in range(4):
+        for _ in range(8):
+            timing.record(k, 10.0, 0.0)
+    engine = _engine(checkpoint, timing=timing, probe_interval_s=1e-9)
+    first = engine.run(image, "gray", deadline=time.monotonic() + 1.0)
+    assert first.stop_reason is StopReason.NO_TIME and not first.results and first.probed_stage == 0
+    reports = [engine.run(image, "gray", deadline=time.monotonic() + 1.0) for _ in range(40)]
+    assert reports[-1].stop_reason is StopReason.COMPLETE and reports[-1].probed_stage is None
+    for report in reports:  # probing never bends the admission rule for the frame's own stages
+        for started, predicted in zip(report.started_at, report.predicted_s):
+            assert started + predicted <= report.deadline
+    # Without online updates (known costs held fixed) nothing is probed.
+    frozen = _engine(checkpoint, timing=_known_costs(4, [10_000] * 4, [0] * 4), online_update=False)
+    assert frozen.run(image, "gray", deadline=time.monotonic() + 1.0).probed_stage is None
