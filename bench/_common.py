@@ -31,6 +31,26 @@ DEFAULT_SETUPS: dict[str, tuple[tuple[int, int], int, int]] = {
 }
 
 
+def checkpoint_file(path: str | None, workdir: Path) -> Path:
+    """The given checkpoint, else the embedded model, else a random-weight smallcnn saved in ``workdir``.
+
+    The node benchmarks measure time, which does not need a trained network.
+    """
+    if path:
+        return Path(path)
+    embedded = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_smallcnn.pt"
+    if embedded.is_file():
+        return embedded
+    from impatient_ros.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    net = build_network(NetConfig(backbone="smallcnn", num_classes=10, in_channels=1, input_size=(28, 28)))
+    out = workdir / "random_smallcnn.pt"
+    save_checkpoint(out, net, class_names=[str(i) for i in range(10)],
+                    preprocessing={"input_size": [28, 28], "channels": "gray", "mean": [0.5], "std": [0.5]})
+    return out
+
+
 def random_checkpoint(backbone: str, seed: int = 0, head: str = "avg4x4") -> LoadedCheckpoint:
     """A LoadedCheckpoint of ``backbone`` with random weights (timing does not depend on training)."""
     size, channels, classes = DEFAULT_SETUPS[backbone]

@@ -103,26 +103,6 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _checkpoint(path: str | None, workdir: Path) -> Path:
-    """The given checkpoint, else the embedded model, else a random-weight smallcnn (timing only)."""
-    if path:
-        return Path(path)
-    embedded = REPO / "models" / "fashion_mnist_smallcnn.pt"
-    if embedded.is_file():
-        return embedded
-    import torch
-
-    from impatient_ros.checkpoint import save_checkpoint
-    from impatient_ros.model import NetConfig, build_network
-
-    torch.manual_seed(0)
-    net = build_network(NetConfig(backbone="smallcnn", num_classes=10, in_channels=1, input_size=(28, 28)))
-    out = workdir / "random_smallcnn.pt"
-    save_checkpoint(out, net, class_names=[str(i) for i in range(10)],
-                    preprocessing={"input_size": [28, 28], "channels": "gray", "mean": [0.5], "std": [0.5]})
-    return out
-
-
 def measure(size: tuple[int, int], args: argparse.Namespace, checkpoint: Path, workdir: Path) -> dict:
     """Run one node process for one image size; return sent/received times and the node's trace."""
     import numpy as np
@@ -272,11 +252,12 @@ def main() -> int:
         os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(SHM_PROFILE)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
+    from _common import checkpoint_file
     print(f"FASTDDS_DEFAULT_PROFILES_FILE={os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE', '(unset)')}, "
           f"device={args.device}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}")
     with tempfile.TemporaryDirectory(prefix="bench_node_") as tmp:
         workdir = Path(tmp)
-        checkpoint = _checkpoint(args.checkpoint, workdir)
+        checkpoint = checkpoint_file(args.checkpoint, workdir)
         print(f"checkpoint: {checkpoint}\n")
         for text in args.sizes:
             size = _parse_size(text)

@@ -63,26 +63,6 @@ SAMPLE_PERIOD_S = 5.0
 # --------------------------------------------------------------------------- set-up
 
 
-def make_checkpoint(path: str | None, workdir: Path) -> Path:
-    """The given checkpoint, else the embedded model, else a random-weight smallcnn (timing does not need training)."""
-    if path:
-        return Path(path)
-    embedded = REPO / "models" / "fashion_mnist_smallcnn.pt"
-    if embedded.is_file():
-        return embedded
-    import torch
-
-    from impatient_ros.checkpoint import save_checkpoint
-    from impatient_ros.model import NetConfig, build_network
-
-    torch.manual_seed(0)
-    net = build_network(NetConfig(backbone="smallcnn", num_classes=10, in_channels=1, input_size=(28, 28)))
-    out = workdir / "random_smallcnn.pt"
-    save_checkpoint(out, net, class_names=[str(i) for i in range(10)],
-                    preprocessing={"input_size": [28, 28], "channels": "gray", "mean": [0.5], "std": [0.5]})
-    return out
-
-
 def camera_images(count: int = 256) -> tuple[list[Any], str]:
     """Frames to publish: Fashion-MNIST test images if installed, else synthetic 28x28 gray pictures."""
     import numpy as np
@@ -407,9 +387,11 @@ def main() -> int:
         parser.error("--budget-ms takes LOW,HIGH with 0 < LOW <= HIGH")
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(1, 101)))
+    from _common import checkpoint_file  # bench/ is on sys.path: this script's own folder
+
     with tempfile.TemporaryDirectory(prefix="soak_") as tmp:
         workdir = Path(tmp)
-        checkpoint = make_checkpoint(args.checkpoint, workdir)
+        checkpoint = checkpoint_file(args.checkpoint, workdir)
         obs, setup = run(args, checkpoint, workdir)
         result = summarise(obs, setup, args)
         result["setup"]["node_log"] = "(temporary, removed)"
