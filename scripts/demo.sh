@@ -105,13 +105,16 @@ for ((t = 0; t < 300; t++)); do
 done
 if [ -z "$schedule" ]; then
   [ -f "$calibration" ] || { log "no calibration from impatient_node after 150 s; see $out/node.log"; exit 1; }
-  # Tight: 70 % of stage 1's p99 (often no answer at all); loose: 120 % of all stages' p99 sum.
+  # Tight: stage 1's calibrated p99 (often no answer at all); loose: six times all
+  # stages' p99 sum plus 8 ms. The calibration runs on an idle node; inside the demo
+  # four processes share the CPU, a frame waits ~1 ms between arrival and start, and
+  # the online timing model follows those slower real runs.
   schedule="$("$IMPATIENT_VENV/bin/python" - "$calibration" <<'CALIBRATION'
 import json, sys
 
 stages = json.load(open(sys.argv[1]))["stages"]
 first, total = stages[0]["p99_ms"], sum(s["p99_ms"] for s in stages)
-print(f"sweep:{0.7 * first:.3g},{1.2 * total:.3g},10")
+print(f"sweep:{first:.3g},{6 * total + 8:.3g},10")
 CALIBRATION
 )"
 fi
