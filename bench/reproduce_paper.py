@@ -199,6 +199,9 @@ class Clock:
         self.phases: dict[str, float] = {}
         self.trained = 0  # training runs done by this invocation
         self.reused: list[float] = []  # training seconds of finished runs found in --work
+        self.fresh: set[str] = set()  # run directories trained by this invocation
+        self.run_seconds = 0.0  # summed seconds of the runs trained here (> wall time with --jobs > 1)
+        self.jobs = 1
 
     def add(self, name: str, seconds: float) -> None:
         self.phases[name] = self.phases.get(name, 0.0) + seconds
@@ -234,28 +237,93 @@ def train_config(regime: Regime, scheme: str, seed: int, distill: bool, out: Pat
     return cfg.validate()
 
 
-def train_network(cfg: TrainConfig, clock: Clock) -> Path:
-    """Train (or reuse a finished identical run in cfg.out) and return the best-on-validation checkpoint."""
-    from training.trainer import train
-
+def _finished(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The finished.json of an identical finished run in cfg.out, else None."""
     out = Path(cfg.out)
     marker = out / "finished.json"
-    wanted = json.dumps(cfg.to_dict(), sort_keys=True)
-    if marker.is_file() and json.loads(marker.read_text()).get("config") == wanted and (out / "best.pt").is_file():
-        say(f"  reuse {out}")
-        clock.reused.append(float(json.loads(marker.read_text()).get("seconds", 0.0)))
-        return out / "best.pt"
+    if not (marker.is_file() and (out / "best.pt").is_file()):
+        return None
+    info = json.loads(marker.read_text())
+    return info if info.get("config") == json.dumps(cfg.to_dict(), sort_keys=True) else None
+
+
+def _train_one(cfg: TrainConfig, threads: int) -> tuple[float, float | None]:
+    """Train one run (in this or a worker process); write its finished.json; (seconds, best val metric)."""
+    from training.trainer import train
+
+    torch.set_num_threads(threads)
+    marker = Path(cfg.out) / "finished.json"
     marker.unlink(missing_ok=True)
     t0 = time.perf_counter()
     result = train(cfg, overwrite=True, progress=False)  # a different or unfinished run in out: replace it
     seconds = time.perf_counter() - t0
-    clock.add("training", seconds)
-    clock.trained += 1
     if result.best is None:
-        raise RuntimeError(f"training in {out} produced no best.pt (no validation split?)")
-    marker.write_text(json.dumps({"config": wanted, "seconds": seconds}))
-    say(f"  trained {out.name} in {seconds:.0f} s (best val E[acc] {100 * (result.best_metric or 0):.2f})")
-    return result.best
+        raise RuntimeError(f"training in {cfg.out} produced no best.pt (no validation split?)")
+    marker.write_text(json.dumps({"config": json.dumps(cfg.to_dict(), sort_keys=True), "seconds": seconds}))
+    return seconds, result.best_metric
+
+
+def train_network(cfg: TrainConfig, clock: Clock) -> Path:
+    """Train (or reuse a finished identical run in cfg.out) and return the best-on-validation checkpoint."""
+    out = Path(cfg.out)
+    info = _finished(cfg)
+    if info is not None:
+        if str(out) not in clock.fresh:  # trained by an earlier invocation
+            say(f"  reuse {out}")
+            clock.reused.append(float(info.get("seconds", 0.0)))
+            clock.fresh.add(str(out))  # count it once
+        return out / "best.pt"
+    t0 = time.perf_counter()
+    seconds, best = _train_one(cfg, torch.get_num_threads())
+    clock.add("training", time.perf_counter() - t0)
+    clock.trained += 1
+    clock.run_seconds += seconds
+    clock.fresh.add(str(out))
+    say(f"  trained {out.name} in {seconds:.0f} s (best val E[acc] {100 * (best or 0):.2f})")
+    return out / "best.pt"
+
+
+def train_many(cfgs: list[TrainConfig], clock: Clock) -> None:
+    """Train every run of ``cfgs`` that is not finished yet, ``clock.jobs`` at a time.
+
+    Each worker is a fresh (spawned) process with one torch thread: on this
+    2-core machine two single-threaded runs finish in about half the time of
+    two runs one after the other, while one run on two threads gains far less
+    (small batches, small convolutions). The caller then walks the runs in its
+    own order and finds them finished (train_network reuses them).
+    """
+    todo, seen = [], set()
+    for cfg in cfgs:
+        if cfg.out in seen:
+            continue
+        seen.add(cfg.out)
+        if _finished(cfg) is None:
+            todo.append(cfg)
+        else:
+            train_network(cfg, clock)  # counts the reuse once
+    if not todo:
+        return
+    if clock.jobs <= 1 or len(todo) == 1:
+        for cfg in todo:
+            train_network(cfg, clock)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    say(f"training {len(todo)} runs, {clock.jobs} at a time")
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")  # no fork after torch started its thread pools
+    with concurrent.futures.ProcessPoolExecutor(max_workers=clock.jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_train_one, cfg, 1): cfg for cfg in todo}
+        for fut in concurrent.futures.as_completed(futures):
+            cfg = futures[fut]
+            seconds, best = fut.result()  # a failed run stops the benchmark with its traceback
+            clock.trained += 1
+            clock.run_seconds += seconds
+            clock.fresh.add(str(cfg.out))
+            say(f"  trained {Path(cfg.out).name} ({Path(cfg.out).parent.name}) in {seconds:.0f} s "
+                f"(best val E[acc] {100 * (best or 0):.2f})")
+    clock.add("training", time.perf_counter() - t0)
 
 
 def load_trained(regime: Regime, best: Path, splits: dict[str, Any] | None, clock: Clock) -> Any:
@@ -347,10 +415,19 @@ def run_regime(regime: Regime, seeds: list[int], work: Path, clock: Clock, disti
     cascade_logits: dict[str, Any] = {}
     lr_choice = select_lr(regime, seeds[0], work, clock)
 
-    def run(scheme: str, seed: int, dist: bool) -> Path:
+    def config(scheme: str, seed: int, dist: bool) -> TrainConfig:
         lr = lr_choice["FT" if scheme == "STD" else "OURS"]
         out = work / regime.name / f"seed{seed}" / f"{scheme}{'_distill' if dist else ''}_lr{lr:g}"
-        return train_network(train_config(regime, scheme, seed, dist, out, {"optim.lr": lr}), clock)
+        return train_config(regime, scheme, seed, dist, out, {"optim.lr": lr})
+
+    def run(scheme: str, seed: int, dist: bool) -> Path:
+        return train_network(config(scheme, seed, dist), clock)
+
+    # Every network of every seed first (in parallel with --jobs), then the evaluation walks them in order.
+    train_many([config(scheme, seed, dist) for seed in seeds
+                for scheme, dist in [("STD", False)] + [(s_, d) for s_ in regime.schemes for d in
+                                                        [False] + ([True] if distill and s_ in regime.distill_schemes
+                                                                   else [])]], clock)
 
     for seed in seeds:
         res: dict[str, Any] = {"OURS": {}, "OURS+distill": {}, "OURS+refit": {}}
@@ -432,6 +509,9 @@ def select_lr(regime: Regime, seed: int, work: Path, clock: Clock) -> dict[str, 
     if all(len(g) == 1 for g in grids.values()):
         return {"FT": grids["FT"][0], "OURS": grids["OURS"][0], "scores": None}
     scores: dict[str, dict[float, float]] = {"FT": {}, "OURS": {}}
+    train_many([train_config(regime, scheme, seed, False, work / regime.name / f"seed{seed}" / f"{scheme}_lr{lr:g}",
+                             {"optim.lr": lr}) for method, scheme in (("FT", "STD"), ("OURS", "EQ"))
+                for lr in grids[method]], clock)
     for method, scheme in (("FT", "STD"), ("OURS", "EQ")):
         for lr in grids[method]:
             say(f"lr selection: {scheme} at lr {lr:g}")
@@ -668,9 +748,10 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, clock: Clock
            f"- machine: {machine()}",
            f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
            f"- elapsed: {clock.total() / 60:.1f} min (" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in clock.phases.items()) + ")",
-           f"- training runs: {clock.trained} done here, {len(clock.reused)} reused from finished runs in "
-           f"`{args.work}` (they had taken {sum(clock.reused) / 60:.1f} min); a fresh run needs about "
-           f"{(clock.total() + sum(clock.reused)) / 60:.1f} min on this machine at its load then",
+           f"- training runs: {clock.trained} done here ({clock.run_seconds / 60:.1f} min of run time, "
+           f"{clock.jobs} at a time), {len(clock.reused)} reused from finished runs in "
+           f"`{args.work}` (they had taken {sum(clock.reused) / 60:.1f} min of run time); a fresh run needs about "
+           f"{(clock.total() + sum(clock.reused) / clock.jobs) / 60:.1f} min on this machine at its load then",
            f"- seeds: {args.seeds}",
            ""]
     if args.quick:
@@ -967,6 +1048,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: 2 on an idle machine, 1 when the load average already exceeds "
                              "one core: OpenMP threads spinning on oversubscribed cores made the probes 5-20x slower)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="training runs at a time, each in its own process with one torch thread (default: "
+                             "the number of cores, at most 2; evaluation stays in this process)")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     if args.threads is None:
@@ -979,6 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = {k: replace(v, epochs=args.epochs) for k, v in plan.items()}
     work = Path(args.work) / ("quick" if args.quick else "full")
     clock = Clock()
+    clock.jobs = max(1, args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1))
     out = Path(args.out)
 
     if args.investigate:
