@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from impatient_ros.fusion import fuse_heads as fuse_heads_of
 from impatient_ros.preprocess import Preprocessor
 from impatient_ros.timing import TimingError, TimingModel
 
@@ -401,7 +402,8 @@ class StagedEngine:
     """Deadline-aware staged inference of a loaded Impatient DNN checkpoint.
 
     The engine takes ownership of ``checkpoint.net`` (moves it to the device,
-    sets eval mode, converts it to half precision with ``fp16`` on CUDA).
+    sets eval mode, replaces its EP heads by their fused inference form unless
+    ``fuse_heads`` is false, converts it to half precision with ``fp16`` on CUDA).
     ``timing`` may be a model calibrated earlier; otherwise an empty one is made
     and :meth:`calibrate` or :meth:`load_calibration` must run before a run with
     a deadline. ``online_update`` feeds every run's measurements into it.
@@ -420,6 +422,7 @@ class StagedEngine:
         timing: TimingModel | None = None,
         online_update: bool = True,
         probe_interval_s: float = 0.2,
+        fuse_heads: bool = True,
     ) -> None:
         if not 0.0 < admission_quantile <= 1.0:
             raise EngineError(f"admission_quantile must lie in (0, 1], got {admission_quantile}")
@@ -453,6 +456,9 @@ class StagedEngine:
         self.input_size = self.preprocessor.input_size
 
         self.net.eval()
+        # Batch norm folded into each head's linear layer (and small pooling into one product): exact up to
+        # rounding, and a head costs one or two operator calls instead of four (see impatient_ros.fusion).
+        self.head_kinds: list[str] = fuse_heads_of(self.net) if fuse_heads else []
         self.net.to(self.device)
         if fp16:
             self.net.half()

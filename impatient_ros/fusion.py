@@ -1,0 +1,129 @@
+"""Inference form of the early-prediction heads: batch norm folded into the linear layer.
+
+A trained EP head is pooling -> batch norm -> linear (:mod:`impatient_ros.heads`).
+In evaluation mode the batch norm is a fixed per-feature affine map, so it folds
+into the linear layer exactly (up to float rounding)::
+
+    W' = W * s,   b' = b + W @ (beta - mu * s),   s = gamma / sqrt(var + eps)
+
+The average pooling is linear as well. Where the stage's feature map is small,
+pooling and linear layer together become one matrix product on the flattened
+feature map (the pooling's adjoint applied to W'); where pooling is the identity
+(a 4x4 map into the 4x4 head) this is just W'. Otherwise the head keeps its
+pooling and runs one matrix product after it.
+
+Why: on a CPU a head of a small network costs about as much in per-operator
+dispatch as in arithmetic (pool, flatten, batch norm, linear: four calls, about
+50 us on this machine for smallcnn_tiny), which made t_A 1.16x the plain
+forward. Fused, a head is one or two calls (9-24 us). See
+``bench/bench_engine.py``.
+
+Only for inference: the fused head has no batch-norm statistics to update and no
+trainable parameters. Heads this module does not know (a torchvision classifier
+used as the last exit) are left as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .heads import Avg4x4Head, AvgHead, FCHead
+
+# Pooling and linear layer merge into one matrix product when the dense matrix
+# (C*H*W inputs x classes) has at most this many entries (256 KiB in float32):
+# on this machine's CPU the single product was faster up to about there
+# (smallcnn_tiny 64x8x8 -> 10 classes: 18 us fused vs 24 us pool + linear;
+# 32x16x16: 26 us vs 20 us).
+DENSE_MAX_ENTRIES = 65_536
+
+
+class FusedHead(nn.Module):
+    """``[adaptive average pool] -> flatten -> x @ weight_t + bias``; fixed weights, no batch norm."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, pool: int | None, kind: str) -> None:
+        super().__init__()
+        self.pool = pool
+        self.kind = kind  # the head it replaced and how: "avg4x4 (dense)", "avg (pooled)", ...
+        # Stored transposed and contiguous: addmm(bias, x (N, F), weight_t (F, classes)).
+        self.register_buffer("weight_t", weight.t().contiguous())
+        self.register_buffer("bias", bias.contiguous())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: (N, C, H, W) -> logits (N, num_classes)
+        if self.pool is not None:
+            h = F.adaptive_avg_pool2d(h, self.pool)
+        return torch.addmm(self.bias, h.flatten(1), self.weight_t)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in={self.weight_t.shape[0]}, classes={self.weight_t.shape[1]}"
+
+
+def _folded(norm: nn.modules.batchnorm._BatchNorm, fc: nn.Linear, repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W', b' of linear(batchnorm(x)) for x whose features repeat each norm channel ``repeat`` times in a row."""
+    var = norm.running_var.double()
+    mean = norm.running_mean.double()
+    gamma = norm.weight.double() if norm.weight is not None else torch.ones_like(var)
+    beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + norm.eps)
+    shift = beta - mean * scale
+    if repeat > 1:  # BatchNorm2d before flattening (C, H, W): channel c covers H*W consecutive features
+        scale, shift = scale.repeat_interleave(repeat), shift.repeat_interleave(repeat)
+    w = fc.weight.double()
+    b = fc.bias.double() if fc.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return w * scale[None, :], b + w @ shift
+
+
+def _dense_through_pool(weight: torch.Tensor, grid: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The matrix of linear(flatten(adaptive_avg_pool(h, grid))) on flatten(h): the pooling's adjoint applied to W'."""
+    c, hh, ww = shape
+    # Pooling is linear and acts on each sample alone, so the gradient of
+    # sum_j <pool(h_j), W'_j> with respect to h_j is pool^T W'_j: row j of the dense matrix.
+    with torch.enable_grad():
+        h = torch.zeros(weight.shape[0], c, hh, ww, dtype=torch.float64, requires_grad=True)
+        pooled = F.adaptive_avg_pool2d(h, grid).flatten(1)
+        (grad,) = torch.autograd.grad((pooled * weight).sum(), h)
+    return grad.flatten(1)
+
+
+def fuse_head(head: nn.Module, feature_shape: tuple[int, int, int],
+              dense_max_entries: int = DENSE_MAX_ENTRIES) -> nn.Module:
+    """The inference form of ``head`` for stage outputs of shape (C, H, W); unknown heads come back unchanged.
+
+    The head must be in evaluation mode (its batch-norm statistics are what gets folded).
+    """
+    if head.training:
+        raise ValueError("fuse_head needs a head in evaluation mode (call .eval() first)")
+    c, hh, ww = (int(v) for v in feature_shape)
+    dtype, device = next(head.parameters()).dtype, next(head.parameters()).device
+    if isinstance(head, FCHead):
+        w, b = _folded(head.norm, head.fc, hh * ww)
+        fused = FusedHead(w, b, None, "fc (folded)")
+    elif isinstance(head, (AvgHead, Avg4x4Head)):
+        grid = 1 if isinstance(head, AvgHead) else Avg4x4Head.GRID
+        w, b = _folded(head.norm, head.fc, 1)
+        name = "avg" if grid == 1 else "avg4x4"
+        if (hh, ww) == (grid, grid):  # pooling is the identity
+            fused = FusedHead(w, b, None, f"{name} (identity pool)")
+        elif c * hh * ww * w.shape[0] <= dense_max_entries:
+            fused = FusedHead(_dense_through_pool(w, grid, (c, hh, ww)), b, None, f"{name} (dense)")
+        else:
+            fused = FusedHead(w, b, grid, f"{name} (pooled)")
+    else:
+        return head
+    return fused.to(device=device, dtype=dtype)
+
+
+def fuse_heads(net: nn.Module) -> list[str]:
+    """Replace every known EP head of an ImpatientNet (in eval mode) by its fused form; the kinds, per exit."""
+    shapes = net.stage_output_shapes()
+    kinds = []
+    for k, head in enumerate(net.heads):
+        if isinstance(head, FusedHead):
+            kinds.append(head.kind)
+            continue
+        fused = fuse_head(head, shapes[k])
+        net.heads[k] = fused
+        kinds.append(getattr(fused, "kind", f"{type(head).__name__} (unchanged)"))
+    return kinds
