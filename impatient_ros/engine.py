@@ -447,6 +447,7 @@ class StagedEngine:
         self.net = checkpoint.net
         self.num_stages: int = self.net.num_stages
         self._last_measured = [-math.inf] * self.num_stages
+        self._path_next, self._path_s = -1, 0.0  # the run's next block in a path from block 0, its sum
         self.num_classes: int = self.net.config.num_classes
         self.top_k = min(int(top_k), self.num_classes)
         self.class_names: list[str] = list(checkpoint.class_names or [])
@@ -499,7 +500,7 @@ class StagedEngine:
         with self._device_scope(), torch.inference_mode():
             x = torch.randn(self.preprocessor.output_shape, device=self.device, dtype=self.preprocessor.dtype)
             for i in range(warmup + iterations):
-                self._executor.start(x)
+                self._start(x)
                 for k in range(self.num_stages):
                     t0 = time.monotonic()
                     out = self._executor.wait(self._executor.launch(k))  # one stage at a time
@@ -587,7 +588,7 @@ class StagedEngine:
                            actual_s=[], started_at=[], began_at=began, deadline=deadline, overran=False,
                            overrun_s=0.0)
         with self._device_scope(), torch.inference_mode():
-            self._executor.start(x)
+            self._start(x)
             if mode is Mode.APRIORI:
                 self._run_apriori(report, cap, on_result)
             elif self._executor.is_async and mode is Mode.ANYTIME:
@@ -713,11 +714,25 @@ class StagedEngine:
         cost = self.timing.predict_anytime_completion(k, self.admission_quantile) + self.overhead_s
         return cost if start + cost <= deadline else None
 
+    def _start(self, x: torch.Tensor) -> None:
+        """Begin a run on input ``x``: the executor's state and the path sum of this run."""
+        self._executor.start(x)
+        self._path_next, self._path_s = 0, 0.0
+
     def _record(self, out: _StageOutput, force: bool = False) -> None:
         if not (self.online_update or force):
+            self._path_next = -1  # a gap in the measured path: no path sums for the rest of this run
             return
         for j, block_s in out.block_s:
             self.timing.record(j, block_s=block_s)
+            if j == self._path_next:  # blocks 0..j of this run, measured back to back: one path sample
+                self._path_s += block_s
+                self.timing.record_sums(j, path_s=self._path_s)
+                self._path_next += 1
+            else:
+                self._path_next = -1
+            if j == out.stage:  # the head ran right after this block: one sample of the stage's total
+                self.timing.record_sums(j, stage_s=block_s + out.head_s)
         self.timing.record(out.stage, head_s=out.head_s)
         self._last_measured[out.stage] = out.ready_time
 

@@ -411,3 +411,18 @@ def test_refused_stage_is_probed_so_an_inflated_estimate_recovers(checkpoint, im
     # Without online updates (known costs held fixed) nothing is probed.
     frozen = _engine(checkpoint, timing=_known_costs(4, [10_000] * 4, [0] * 4), online_update=False)
     assert frozen.run(image, "gray", deadline=time.monotonic() + 1.0).probed_stage is None
+
+
+def test_calibration_and_runs_record_the_path_and_stage_sums(checkpoint, image):
+    engine = StagedEngine(checkpoint, "cpu")
+    engine.calibrate(warmup=1, iterations=25)
+    model = engine.timing
+    for k in range(engine.num_stages):
+        path = model._path[k]
+        assert len(path) == 25 and len(model._stage[k]) == 25
+        # A path sample is blocks 0..k of one run: at least the fastest of each block added up.
+        assert min(path) >= sum(min(model.block_samples(j)) for j in range(k + 1)) - 1e-12
+    before = len(model._path[1])
+    engine.run(image, "gray", mode=Mode.APRIORI, max_stage=2)  # blocks 0, 1 back to back, then head 1
+    assert len(model._path[1]) == before + 1 and len(model._path[0]) == before + 1
+    assert len(model._path[2]) == before  # not run

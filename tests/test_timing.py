@@ -150,3 +150,59 @@ def test_load_rejects_foreign_and_mismatched_files(tmp_path):
 def test_uncalibrated_model_cannot_be_saved(tmp_path):
     with pytest.raises(TimingError, match="calibrate"):
         TimingModel(2).save(tmp_path / "t.json")
+
+
+def _correlated_runs(model: TimingModel, runs: int, seed: int = 0) -> np.ndarray:
+    """Feed ``runs`` runs whose blocks share a per-run load factor (as on a loaded CPU); the paths' totals."""
+    rng = np.random.default_rng(seed)
+    block = np.array([0.010, 0.020, 0.030])
+    totals = []
+    for _ in range(runs):
+        load = rng.lognormal(0.0, 0.3)  # the whole run slows down together...
+        parts = block * load * rng.lognormal(0.0, 0.2, size=3)  # ...with independent jitter on top
+        path = 0.0
+        for k, b in enumerate(parts):
+            model.record(k, b, 0.001)
+            path += b
+            model.record_sums(k, stage_s=b + 0.001, path_s=path)
+        totals.append(path)
+    return np.asarray(totals)
+
+
+def test_path_quantile_is_the_quantile_of_the_sum():
+    model = TimingModel(3, min_sum_samples=20)
+    totals = _correlated_runs(model, 200)
+    summed = sum(model.block_cost(k, 0.99) for k in range(3)) + model.head_cost(2, 0.99)
+    assert model.predict_exit_cost(2, 0.99) == pytest.approx(np.quantile(totals, 0.99) + 0.001)
+    # Summing the parts' p99 over-estimates the path's p99 when their jitter is partly independent.
+    assert summed > model.predict_exit_cost(2, 0.99) * 1.02
+    assert model.stage_cost(1, 0.5) == pytest.approx(np.quantile(model.block_samples(1), 0.5) + 0.001)
+
+
+def test_sums_need_enough_samples_before_they_are_used():
+    model = TimingModel(3, min_sum_samples=20)
+    _correlated_runs(model, 19)
+    fallback = sum(model.block_cost(k, 0.99) for k in range(3)) + model.head_cost(2, 0.99)
+    assert model.predict_exit_cost(2, 0.99) == pytest.approx(fallback)
+    _correlated_runs(model, 1, seed=1)
+    assert model.predict_exit_cost(2, 0.99) != pytest.approx(fallback)
+
+
+def test_sums_round_trip_and_old_files_still_load(tmp_path):
+    model = TimingModel(3, device="cpu", input_size=(28, 28))
+    _correlated_runs(model, 50)
+    data = model.to_dict()
+    loaded = TimingModel.from_dict(data)
+    for k in range(3):
+        assert loaded.predict_exit_cost(k) == pytest.approx(model.predict_exit_cost(k))
+        assert loaded.stage_cost(k) == pytest.approx(model.stage_cost(k))
+    for entry in data["stages"]:  # a file written before the sums existed
+        del entry["stage_samples_ms"], entry["path_samples_ms"]
+    old = TimingModel.from_dict(data)
+    assert old.predict_exit_cost(2) == pytest.approx(
+        sum(model.block_cost(k) for k in range(3)) + model.head_cost(2))
+    data["stages"][0]["path_samples_ms"] = [1.0, float("nan")]
+    with pytest.raises(TimingError, match="path_samples_ms"):
+        TimingModel.from_dict(data)
+    with pytest.raises(TimingError, match="finite"):
+        model.record_sums(0, path_s=-1.0)
