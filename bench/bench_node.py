@@ -17,6 +17,12 @@ Per stage k of each frame:
                 = transport in + mailbox wait and decoding + message build,
                   publication and transport out
 
+Before each size the same measurement runs against a relay: a bare rclpy node
+with the node's names, QoS, executor and message type that answers each image
+at once, without inference. Its end-to-end time is the floor any rclpy node on
+this host pays (DDS transport both ways, the executors' wake-ups); the node's
+overhead minus that floor is what the node itself adds.
+
 Large images need a bigger Fast DDS shared-memory segment than the default
 ~512 KiB (see FACTS.md): the script sets FASTDDS_DEFAULT_PROFILES_FILE to
 config/fastdds_shm.xml (16 MiB) for itself and the node unless
@@ -52,10 +58,10 @@ NAMESPACE = "/bench"
 def serve(trace_path: Path, ros_args: list[str]) -> int:
     """Run ImpatientNode with the engine's runs traced; write the trace as JSON on shutdown."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from rclpy.executors import ExternalShutdownException
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    from impatient_ros.node import ImpatientNode
+    from impatient_ros.node import ImpatientNode, make_executor, spin
 
     rclpy.init(args=["impatient_node", "--ros-args", *ros_args])
     node = ImpatientNode()
@@ -82,13 +88,53 @@ def serve(trace_path: Path, ros_args: list[str]) -> int:
         node._process, engine.run = process, run
         if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
             return 1
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        executor.spin()
+        spin(make_executor(node.get_parameter("executor").value), node)  # as impatient_node's main does
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         node.release_all()
+        trace_path.write_text(json.dumps({"frames": trace}))
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+def relay(trace_path: Path, ros_args: list[str]) -> int:
+    """The floor any rclpy node pays: take each image, publish one StagePrediction at once, no inference.
+
+    Same names, QoS, executor choice and message type as the node; the trace has
+    the arrival of each image and the time its answer was handed to rclpy.
+    """
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from impatient_ros.image_convert import image_to_array
+    from impatient_ros.msg import StagePrediction
+    from impatient_ros.node import make_executor, spin
+
+    rclpy.init(args=["relay", "--ros-args", *ros_args])
+    node = rclpy.create_node("impatient_node")
+    node.declare_parameter("executor", "events")
+    trace: list[dict] = []
+    pub = node.create_publisher(StagePrediction, "~/prediction", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+
+    def on_image(msg: Image) -> None:
+        arrival = time.monotonic()
+        image_to_array(msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data)  # as the node does
+        out = StagePrediction(header=msg.header, stage=1, num_stages=1, is_final=True)
+        ready = time.monotonic()
+        pub.publish(out)
+        trace.append({"frame_id": msg.header.frame_id, "arrival": arrival, "began": arrival, "stop": 0,
+                      "stages": [[1, ready - arrival, ready]]})
+
+    node.create_subscription(Image, "image", on_image, QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+    try:
+        spin(make_executor(node.get_parameter("executor").value), node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
         trace_path.write_text(json.dumps({"frames": trace}))
         node.destroy_node()
         rclpy.try_shutdown()
@@ -103,24 +149,25 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def measure(size: tuple[int, int], args: argparse.Namespace, checkpoint: Path, workdir: Path) -> dict:
-    """Run one node process for one image size; return sent/received times and the node's trace."""
+def measure(size: tuple[int, int], args: argparse.Namespace, checkpoint: Path, workdir: Path,
+            serve_mode: str = "--serve") -> dict:
+    """Run one node (or ``--relay``) process for one image size; return sent/received times and its trace."""
     import numpy as np
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
     from impatient_ros.image_convert import array_to_image_fields
     from impatient_ros.msg import StagePrediction
+    from impatient_ros.node import make_executor
 
     width, height = size
-    trace_path = workdir / f"trace_{width}x{height}.json"
-    log_path = workdir / f"node_{width}x{height}.log"
+    trace_path = workdir / f"trace_{width}x{height}{serve_mode}.json"
+    log_path = workdir / f"node_{width}x{height}{serve_mode}.log"
     ros_args = ["-p", f"checkpoint:={checkpoint}", "-p", f"device:={args.device}", "-p", "reference_time:=arrival",
-                "-r", f"__ns:={NAMESPACE}"]
+                "-p", f"executor:={args.executor}", "-r", f"__ns:={NAMESPACE}"]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(trace_path), "--ros-args", *ros_args],
+        proc = subprocess.Popen([sys.executable, __file__, serve_mode, str(trace_path), "--ros-args", *ros_args],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     rclpy.init()
     node = rclpy.create_node("bench_camera")
@@ -136,7 +183,7 @@ def measure(size: tuple[int, int], args: argparse.Namespace, checkpoint: Path, w
     pub = node.create_publisher(Image, f"{NAMESPACE}/image", camera_qos)
     node.create_subscription(StagePrediction, f"{NAMESPACE}/impatient_node/prediction", on_prediction,
                              QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
-    executor = SingleThreadedExecutor()
+    executor = make_executor(args.executor)  # the subscriber side: the same kind as the node's
     executor.add_node(node)
     spinning = True
 
@@ -186,7 +233,7 @@ def measure(size: tuple[int, int], args: argparse.Namespace, checkpoint: Path, w
     return {"sent": sent, "received": dict(received), "trace": trace}
 
 
-def report(size: tuple[int, int], data: dict) -> None:
+def report(size: tuple[int, int], data: dict, what: str = "") -> None:
     """Print per-stage end-to-end, engine and overhead figures for one size."""
     import numpy as np
 
@@ -220,7 +267,7 @@ def report(size: tuple[int, int], data: dict) -> None:
     processed = sum(1 for f in counted if f in trace)
     answered = sum(1 for f in counted if f in received)
     rate = 1 / np.median(np.diff(sorted(sent.values())))
-    print(f"== {width}x{height} rgb8 ({width * height * 3 / 2**20:.2f} MiB) at {rate:.1f} Hz: "
+    print(f"== {what}{width}x{height} rgb8 ({width * height * 3 / 2**20:.2f} MiB) at {rate:.1f} Hz: "
           f"{len(counted)} published, {processed} processed by the node, {answered} answered "
           f"(the rest replaced in the mailbox or lost in transport)")
     rows = []
@@ -235,15 +282,19 @@ def report(size: tuple[int, int], data: dict) -> None:
 
 def main() -> int:
     """Parse arguments and run the benchmark (or the node, with --serve)."""
-    if len(sys.argv) > 2 and sys.argv[1] == "--serve":
+    if len(sys.argv) > 2 and sys.argv[1] in ("--serve", "--relay"):
         ros_args = sys.argv[sys.argv.index("--ros-args") + 1:] if "--ros-args" in sys.argv else []
-        return serve(Path(sys.argv[2]), ros_args)
+        return (serve if sys.argv[1] == "--serve" else relay)(Path(sys.argv[2]), ros_args)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["224x224", "640x480"], help="WIDTHxHEIGHT of the images")
     parser.add_argument("--rate", type=float, default=30.0, help="camera rate in Hz")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per size")
     parser.add_argument("--checkpoint", help="checkpoint to run (default: embedded model or random smallcnn)")
     parser.add_argument("--device", default="cpu", help="node device parameter (auto, cpu, cuda, cuda:N)")
+    parser.add_argument("--executor", default="events", choices=["events", "single"],
+                        help="executor of the node (its 'executor' parameter) and of this side's subscriber")
+    parser.add_argument("--no-relay", action="store_true",
+                        help="skip the relay baseline (a bare rclpy node answering each image at once)")
     parser.add_argument("--no-shm-profile", action="store_true",
                         help="do not set FASTDDS_DEFAULT_PROFILES_FILE (large images then fail best effort)")
     args = parser.parse_args()
@@ -254,13 +305,15 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
     from _common import checkpoint_file
     print(f"FASTDDS_DEFAULT_PROFILES_FILE={os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE', '(unset)')}, "
-          f"device={args.device}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}")
+          f"device={args.device}, executor={args.executor}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}")
     with tempfile.TemporaryDirectory(prefix="bench_node_") as tmp:
         workdir = Path(tmp)
         checkpoint = checkpoint_file(args.checkpoint, workdir)
         print(f"checkpoint: {checkpoint}\n")
         for text in args.sizes:
             size = _parse_size(text)
+            if not args.no_relay:
+                report(size, measure(size, args, checkpoint, workdir, "--relay"), "relay baseline (no inference), ")
             report(size, measure(size, args, checkpoint, workdir))
     return 0
 
