@@ -47,7 +47,8 @@ OK, WARN, ERROR, STALE = 0, 1, 2, 3
 LATENCY_WINDOW = 256
 RECENT_FRAMES = 100           # window of the recent deadline hit rate
 WARN_HIT_RATE = 0.95          # recent hit rate below this: WARN
-STOP_NAMES = {0: "none", 1: "deadline", 2: "confident", 3: "max_stage", 4: "complete", 5: "no_time"}
+STOP_NAMES = {0: "none", 1: "deadline", 2: "confident", 3: "max_stage", 4: "complete", 5: "error", 6: "no_time"}
+NO_TIME = 6  # impatient_ros.engine.StopReason.NO_TIME (this module does not import torch)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class NodeStats:
                         repaired_final: bool = False) -> None:
         """A frame went through the engine.
 
-        ``stop_reason`` is the engine's StopReason value (5 = NO_TIME), ``deadline``
+        ``stop_reason`` is the engine's StopReason value (6 = NO_TIME), ``deadline``
         and ``final_published_at`` are monotonic seconds (None = unlimited /
         nothing published). ``repaired_final``: the node had to announce the final
         message itself (see node.py).
@@ -154,7 +155,7 @@ class NodeStats:
         with self._lock:
             self._processed += 1
             self._stops[STOP_NAMES.get(int(stop_reason), str(stop_reason))] += 1
-            if int(stop_reason) == 5:
+            if int(stop_reason) == NO_TIME:
                 self._no_time += 1
             if repaired_final:
                 self._repaired += 1

@@ -97,14 +97,15 @@ class DeviceFallbackWarning(RuntimeWarning):
 
 
 class StopReason(IntEnum):
-    """Why no further stage follows; 0-4 equal StagePrediction.STOP_* in msg/StagePrediction.msg."""
+    """Why no further stage follows; 0-5 equal StagePrediction.STOP_* in msg/StagePrediction.msg."""
 
     NONE = 0        # more stages follow
     DEADLINE = 1    # the next stage could not finish before the deadline
     CONFIDENT = 2   # cascade: the 1-vs-2 ratio reached the threshold
     MAX_STAGE = 3   # the stage cap was reached
     COMPLETE = 4    # the last exit of the network was reached
-    NO_TIME = 5     # not even stage 1 fits the budget: nothing ran (engine only, no message value)
+    ERROR = 5       # a later stage failed (set by the node when it announces the last answer as final)
+    NO_TIME = 6     # not even stage 1 fits the budget: nothing ran (engine only, no message value)
 
 
 class Mode(str, Enum):

@@ -14,7 +14,7 @@ Conventions:
 * ``budget`` zero means unlimited, as in the Budget message.
 * ``stage_accuracy`` is NaN when the checkpoint has no validation accuracy.
 * ``stop_reason`` takes the engine's ``StopReason`` value, which equals the
-  message's ``STOP_*`` constants for 0..4; ``NO_TIME`` has no message value
+  message's ``STOP_*`` constants for 0..5; ``NO_TIME`` has no message value
   (nothing is published for such an image) and is refused.
 """
 
@@ -35,7 +35,7 @@ __all__ = [
     "stage_accuracy",
 ]
 
-MAX_MESSAGE_STOP_REASON = 4  # STOP_COMPLETE; values above (NO_TIME) never go on the wire
+MAX_MESSAGE_STOP_REASON = 5  # STOP_ERROR; values above (NO_TIME) never go on the wire
 _NANO = 1_000_000_000
 # int32 seconds of builtin_interfaces/Duration: clamp rather than overflow for "unlimited"-like values.
 _MAX_SEC = 2**31 - 1

@@ -741,6 +741,7 @@ class ImpatientNode(LifecycleNode):
         engine.admission_quantile = settings.admission_quantile
         engine.top_k = min(settings.top_k, engine.num_classes)
         published_at: list[float] = []
+        last: list[Any] = []  # the last result published for this frame
 
         def publish(result: Any, stage_topic: bool = True) -> None:
             latency = time.monotonic() - ref.monotonic
@@ -757,6 +758,7 @@ class ImpatientNode(LifecycleNode):
                     self.get_logger().warning(f"could not publish stage {result.stage}: {exc}")
                 return
             published_at.append(time.monotonic())
+            last[:] = [result]
             self._stats.stage_published(result.stage, latency)
 
         try:
@@ -768,6 +770,12 @@ class ImpatientNode(LifecycleNode):
             if self._log_throttle.ready("preprocess_failed"):
                 self.get_logger().warning(f"image rejected by preprocessing: {exc}")
             return
+        except Exception:
+            # A later stage failed (e.g. out of GPU memory) after earlier answers went out: tell the
+            # subscribers that the last one is final, so no one waits for the rest of this frame.
+            if last and not last[0].is_final:
+                publish(dataclasses.replace(last[0], is_final=True, stop_reason=StopReason.ERROR), stage_topic=False)
+            raise
         repaired = False
         if report.results and not report.final_announced:
             last = report.results[-1]

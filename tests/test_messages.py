@@ -92,7 +92,8 @@ def test_stop_reasons_map_onto_the_message_constants() -> None:
     pairs = [(StopReason.DEADLINE, StagePrediction.STOP_DEADLINE),
              (StopReason.CONFIDENT, StagePrediction.STOP_CONFIDENT),
              (StopReason.MAX_STAGE, StagePrediction.STOP_MAX_STAGE),
-             (StopReason.COMPLETE, StagePrediction.STOP_COMPLETE)]
+             (StopReason.COMPLETE, StagePrediction.STOP_COMPLETE),
+             (StopReason.ERROR, StagePrediction.STOP_ERROR)]
     for reason, constant in pairs:
         msg = build_stage_prediction(StagePrediction, _result(is_final=True, stop=reason), header=_header(),
                                      image_seq=1, labels=LABELS, accuracy=math.nan, latency_s=0.001, budget_s=None)

@@ -173,7 +173,7 @@ def test_stats_and_report_count_what_the_node_did() -> None:
         stats.stage_published(stage, latency)
     stats.frame_processed(4, deadline=10.0, final_published_at=9.5)        # hit
     stats.frame_processed(1, deadline=10.0, final_published_at=10.25)      # late
-    stats.frame_processed(5, deadline=10.0, final_published_at=None)       # NO_TIME: a miss
+    stats.frame_processed(6, deadline=10.0, final_published_at=None)       # NO_TIME: a miss
     stats.frame_processed(4, deadline=None, final_published_at=3.0)        # unlimited: not counted
     snap = stats.snapshot()
     assert (snap.received, snap.dropped, snap.processed, snap.rejected_total, snap.no_time) == (5, 1, 4, 3, 1)

@@ -619,17 +619,26 @@ def test_out_of_memory_in_a_stage_is_logged_counted_and_the_next_frame_served(in
     log = _LogRecorder()
     monkeypatch.setattr(node, "get_logger", lambda: log)
     monkeypatch.setattr(node, "_log_throttle", type(node._log_throttle)(5.0))  # the last case's error was logged
+    sent: list[Any] = []  # what goes out on ~/prediction (the real publisher still publishes it)
+    real_publish = node._prediction_pub.publish
+    monkeypatch.setattr(node._prediction_pub, "publish", lambda msg: (sent.append(msg), real_publish(msg))[1])
     before = node._stats.snapshot()
-    _feed(node, _image_msg(gray_image(SMALL_SIZE, 2)))
+    failing = _image_msg(gray_image(SMALL_SIZE, 2))
+    failing.header.frame_id = "fails_at_stage_2"
+    _feed(node, failing)
     _feed(node, _image_msg(gray_image(SMALL_SIZE, 3)))
     after = node._stats.snapshot()
     assert raised == [1]
     assert after.engine_errors - before.engine_errors == 1
     assert after.rejected.get("engine_error", 0) - before.rejected.get("engine_error", 0) == 1
     assert after.processed - before.processed == 1  # the next frame
+    # Stage 1 of the failed frame was out when stage 2 failed; the node then repeated it on ~/prediction as
+    # the frame's final answer (STOP_ERROR), so no subscriber waits for stages that will never come.
+    failed = [(m.stage, m.is_final, m.stop_reason) for m in sent if m.header.frame_id == "fails_at_stage_2"]
+    assert failed == [(1, False, StagePrediction.STOP_NONE), (1, True, StagePrediction.STOP_ERROR)]
     published = {k: after.stage_published.get(k, 0) - before.stage_published.get(k, 0) for k in range(1, K + 1)}
-    # Stage 1 of the failed frame was already out when stage 2 failed; the next frame got every stage.
-    assert published == {1: 2, 2: 1, 3: 1, 4: 1}
+    # The next frame got every stage.
+    assert published == {1: 3, 2: 1, 3: 1, 4: 1}
     errors = [text for level, text in log.records if level == "error"]
     assert errors == [f"inference failed: {error.__name__}: CUDA out of memory. Tried to allocate 2.00 GiB "
                       "(GPU 0; 7.79 GiB total capacity)"]
