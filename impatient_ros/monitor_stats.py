@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 # Names of impatient_ros/StagePrediction's STOP_* constants, by value.
-STOP_REASONS: dict[int, str] = {0: "NONE", 1: "DEADLINE", 2: "CONFIDENT", 3: "MAX_STAGE", 4: "COMPLETE"}
+STOP_REASONS: dict[int, str] = {0: "NONE", 1: "DEADLINE", 2: "CONFIDENT", 3: "MAX_STAGE", 4: "COMPLETE", 5: "ERROR"}
 _STOP_DEADLINE = 1
 SUMMARY_FORMAT = "impatient_ros.monitor_summary"
 SUMMARY_VERSION = 1
