@@ -33,11 +33,13 @@ from _common import checkpoint_for, interleaved, median_p90_ms, plain_network, p
 from impatient_ros.engine import Mode, StagedEngine, StopReason
 
 
-def part_latency(engine: StagedEngine, reps: int) -> None:
+def part_latency(engine: StagedEngine, reps: int, unfused: torch.nn.Module | None = None) -> None:
+    """Plain forward vs t_B vs t_A, network and engine; with ``unfused`` also the heads as trained."""
     net, k_last = engine.net, engine.num_stages - 1
     plain = plain_network(net)
     x = torch.randn(engine.preprocessor.output_shape, device=engine.device, dtype=engine.preprocessor.dtype)
     sync = (lambda: torch.cuda.synchronize(engine.device)) if engine.device.type == "cuda" else None
+    base_of: dict[str, str] = {}
     with torch.inference_mode():
         variants = {
             "plain forward (blocks + last head)": lambda: plain(x),
@@ -46,13 +48,20 @@ def part_latency(engine: StagedEngine, reps: int) -> None:
             "engine apriori, last exit (t_B)": lambda: engine.run_tensor(x, mode=Mode.APRIORI),
             "engine anytime, every exit (t_A)": lambda: engine.run_tensor(x, mode=Mode.ANYTIME),
         }
+        if unfused is not None:  # the heads as trained (pool, batch norm, linear): what fusion saves
+            unfused = unfused.to(engine.device).eval()
+            plain_unfused = plain_network(unfused)
+            variants["unfused: plain forward"] = lambda: plain_unfused(x)
+            variants["unfused: t_A forward (every head)"] = lambda: unfused(x)
+            base_of = {"unfused: plain forward": "unfused: plain forward",
+                       "unfused: t_A forward (every head)": "unfused: plain forward"}
         times = interleaved(variants, reps=reps, sync=sync)
-    base = np.median(times["plain forward (blocks + last head)"])
     rows = []
     for name, samples in times.items():
+        base = np.median(times[base_of.get(name, "plain forward (blocks + last head)")])
         median, p90 = median_p90_ms(samples)
         rows.append((name, median, p90, float(np.median(samples) / base)))
-    print_table(["variant", "median ms", "p90 ms", "x plain"], rows)
+    print_table(["variant", "median ms", "p90 ms", "x plain (same heads)"], rows)
 
 
 def _budgets(kind: str, total_s: float, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -154,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         heldout = args.heldout or max(10, int((60 if heavy else 400) * scale))
         print(f"=== {checkpoint.config.backbone} {size[0]}x{size[1]}, {engine.num_stages} stages, "
               f"{engine.device_label} ===")
-        print(f"-- latency ({reps} interleaved repetitions)")
-        part_latency(engine, reps)
+        print(f"-- latency ({reps} interleaved repetitions; engine heads: {', '.join(engine.head_kinds) or 'as trained'})")
+        part_latency(engine, reps, checkpoint_for(name).net)
         engine.calibrate(warmup=3, iterations=max(10, reps // 2))
         channels = 1 if checkpoint.preprocessing["channels"] == "gray" else 3
         image = np.random.default_rng(0).integers(0, 255, size=(*size, channels), endpoint=True).astype(np.uint8)
