@@ -336,3 +336,42 @@ def test_imagefolder_run_and_eval_only(tmp_path: Path) -> None:
     stats = evaluate_checkpoint(result.best, split="test", workers=0)
     assert stats["samples"] == 6 and len(stats["exit_accuracy"]) == 4
     assert stats["exit_accuracy"] == pytest.approx(result.test_exit_accuracy)
+
+
+def test_backbone_learning_rate_scale(tmp_path: Path) -> None:
+    from impatient_ros.model import NetConfig, build_network
+
+    net = build_network(NetConfig(backbone="smallcnn_tiny", num_classes=10, in_channels=1, input_size=(28, 28)))
+    cfg = _cfg(tmp_path, "--lr", "0.4", "--min-lr", "0.0", "--epochs", "2", "--warmup-epochs", "0",
+               "--backbone-lr-scale", "0.1")
+    optimizer = build_optimizer(net, cfg)
+    head_ids = {id(p) for p in net.heads.parameters()}
+    block_ids = {id(p) for p in net.blocks.parameters()}
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= head_ids or ids <= block_ids  # no group mixes heads and blocks
+        assert group["lr"] == pytest.approx(0.4 if ids <= head_ids else 0.04)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(net.parameters()))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.4)  # the heads' rate is the one logged
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    rates = sorted({round(g["lr"] / 0.4, 9) for g in optimizer.param_groups})
+    assert len(rates) == 2 and rates[0] == pytest.approx(0.1 * rates[1])  # the schedule keeps the ratio
+
+    # 0 trains only the heads: after real steps on a batch, the blocks' weights have not moved.
+    frozen = _cfg(tmp_path, "--lr", "0.4", "--backbone-lr-scale", "0", "--weight-decay", "0.001")
+    optimizer = build_optimizer(net, frozen)
+    before = [p.detach().clone() for p in net.blocks.parameters()]
+    head_before = [p.detach().clone() for p in net.heads.parameters()]
+    net.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = sum(torch.nn.functional.cross_entropy(z, torch.arange(4)) for z in net(torch.randn(4, 1, 28, 28)))
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.blocks.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(head_before, net.heads.parameters()))
+    with pytest.raises(ConfigError, match="backbone_lr_scale"):
+        _cfg(tmp_path, "--backbone-lr-scale", "-1")

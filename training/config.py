@@ -120,6 +120,10 @@ class OptimConfig:
     min_lr: float = 0.0
     label_smoothing: float = 0.0
     max_steps_per_epoch: int | None = None
+    # Learning rate of the backbone's blocks relative to lr (the EP heads always train at lr): below 1
+    # keeps pretrained features closer to where they were when fine-tuning on little data; 0 trains only
+    # the heads (the blocks' batch-norm statistics still follow the data in training mode).
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -257,6 +261,8 @@ class TrainConfig:
             raise ConfigError("optim.nesterov needs momentum > 0")
         if o.weight_decay < 0:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        if not (math.isfinite(o.backbone_lr_scale) and 0 <= o.backbone_lr_scale <= 10):
+            raise ConfigError(f"optim.backbone_lr_scale must be in [0, 10], got {o.backbone_lr_scale}")
         if not 0 <= o.label_smoothing < 1:
             raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
         if o.max_steps_per_epoch is not None:
@@ -488,6 +494,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         type=float, metavar="E")
     opt(g, "--min-lr", "optim", "min_lr", "learning rate at the end of the cosine decay", type=float)
     opt(g, "--label-smoothing", "optim", "label_smoothing", "label smoothing of the cross-entropy", type=float)
+    opt(g, "--backbone-lr-scale", "optim", "backbone_lr_scale",
+        "learning rate of the backbone's blocks relative to --lr (heads: --lr); 0 = train only the heads",
+        type=float, metavar="S")
     opt(g, "--max-steps-per-epoch", "optim", "max_steps_per_epoch", "stop each epoch after N steps (smoke tests)",
         none="no limit", type=int, metavar="N")
 

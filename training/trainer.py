@@ -127,20 +127,38 @@ def amp_settings(mode: str, device: torch.device) -> tuple[bool, torch.dtype, bo
     return True, torch.float16, True
 
 
-def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: weights with decay; batch-norm parameters and biases (1-D) without."""
-    decay, no_decay = [], []
-    for _, p in net.named_parameters():
+def param_groups(net: nn.Module, weight_decay: float, lr: float | None = None,
+                 backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Weights with decay; batch-norm parameters and biases (1-D) without.
+
+    With ``backbone_lr_scale`` != 1 (and ``lr`` given) the backbone's blocks get
+    their own two groups at ``lr * backbone_lr_scale``; the heads' groups come
+    first, so ``param_groups[0]["lr"]`` is the heads' (the configured) rate.
+    """
+    split = lr is not None and backbone_lr_scale != 1.0
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        in_backbone = split and (name.startswith("blocks.") or ".blocks." in name)  # DDP: "module.blocks..."
+        groups.setdefault((in_backbone, p.ndim > 1), []).append(p)
+    out = []
+    for in_backbone in (False, True):
+        for decayed in (True, False):
+            params = groups.get((in_backbone, decayed), [])
+            if in_backbone and not params:
+                continue
+            group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+            if split:
+                group["lr"] = lr * (backbone_lr_scale if in_backbone else 1.0)
+            out.append(group)
+    return out
 
 
 def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD with momentum (optionally Nesterov) or AdamW (beta1 = momentum)."""
     o = cfg.optim
-    groups = param_groups(net, o.weight_decay)
+    groups = param_groups(net, o.weight_decay, o.lr, o.backbone_lr_scale)
     if o.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.momentum, 0.999))
