@@ -234,22 +234,32 @@ def _exit_probs(net: torch.nn.Module, k: int, h: torch.Tensor) -> torch.Tensor:
 
 
 class _CpuExecutor:
-    """Runs the eager network synchronously; wall-clock times per block and head."""
+    """Runs the eager network synchronously; wall-clock times per block and head.
+
+    Calls the blocks and heads directly (the engine validated the stage index
+    once): on a 1 ms network every per-exit call that is not arithmetic shows.
+    """
 
     is_async = False
 
     def __init__(self, net: torch.nn.Module) -> None:
         self.net = net
+        self._blocks = list(net.blocks)
+        self._heads = list(net.heads)
         self._h: torch.Tensor | None = None
 
     def start(self, x: torch.Tensor) -> None:
         self._h = x
 
+    def _probs(self, k: int, h: torch.Tensor) -> np.ndarray:
+        # (1, num_classes) logits -> float32 probabilities (num_classes,), as _exit_probs
+        return torch.softmax(self._heads[k](h).float(), dim=-1)[0].numpy()
+
     def launch(self, k: int) -> _StageOutput:
         t0 = time.monotonic()
-        self._h = self.net.run_block(k, self._h)
+        self._h = self._blocks[k](self._h)
         t1 = time.monotonic()
-        probs = _exit_probs(self.net, k, self._h).numpy()
+        probs = self._probs(k, self._h)
         t2 = time.monotonic()
         return _StageOutput(k, probs, [(k, t1 - t0)], t2 - t1, t2)
 
@@ -258,10 +268,10 @@ class _CpuExecutor:
         h = self._h
         for j in range(k + 1):
             t0 = time.monotonic()
-            h = self.net.run_block(j, h)
+            h = self._blocks[j](h)
             blocks.append((j, time.monotonic() - t0))
         t1 = time.monotonic()
-        probs = _exit_probs(self.net, k, h).numpy()
+        probs = self._probs(k, h)
         t2 = time.monotonic()
         return _StageOutput(k, probs, blocks, t2 - t1, t2)
 

@@ -142,8 +142,13 @@ def test_mode_parsing():
 
 
 def test_stop_reason_values_match_message_constants():
-    assert [int(s) for s in StopReason] == [0, 1, 2, 3, 4, 5]
-    assert StopReason.COMPLETE.name == "COMPLETE" and StopReason.NO_TIME == 5
+    from impatient_ros.msg import StagePrediction
+
+    assert [int(s) for s in StopReason] == [0, 1, 2, 3, 4, 5, 6]
+    for reason in StopReason:
+        if reason is not StopReason.NO_TIME:  # engine only: never on the wire
+            assert getattr(StagePrediction, f"STOP_{reason.name}") == int(reason)
+    assert StopReason.NO_TIME == 6 and not hasattr(StagePrediction, "STOP_NO_TIME")
 
 
 # --------------------------------------------------------------------------- deadlines

@@ -605,17 +605,18 @@ def test_budget_and_image_callbacks_never_wait_for_inference(inproc, monkeypatch
 def test_out_of_memory_in_a_stage_is_logged_counted_and_the_next_frame_served(inproc, monkeypatch, error) -> None:
     """No GPU here: the error a CUDA allocation raises is injected into stage 2 of one frame."""
     node = inproc
-    net = node._engine.net
-    original = net.run_block
+    executor = node._engine._executor
+    blocks = executor._blocks  # the modules the executor calls, stage by stage
+    original = blocks[1]
     raised = []
 
-    def run_block(k: int, h: torch.Tensor) -> torch.Tensor:
-        if k == 1 and not raised:
-            raised.append(k)
+    def block_2(h: torch.Tensor) -> torch.Tensor:
+        if not raised:
+            raised.append(1)
             raise error("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity)")
-        return original(k, h)
+        return original(h)
 
-    monkeypatch.setattr(net, "run_block", run_block)
+    monkeypatch.setattr(executor, "_blocks", [blocks[0], block_2, *blocks[2:]])
     log = _LogRecorder()
     monkeypatch.setattr(node, "get_logger", lambda: log)
     monkeypatch.setattr(node, "_log_throttle", type(node._log_throttle)(5.0))  # the last case's error was logged
