@@ -136,7 +136,7 @@ class Regime:
 # augmentation and with more epochs both FT's STD network and OURS improve on val at this short budget;
 # self-distillation lowered OURS's val accuracy, so it runs only where the column is reported. The
 # learning-rate grids reach past the values picked at seed 0 from two-value grids (smallcnn FT 0.03 /
-# OURS 0.1, lite0 FT 0.005 / OURS 0.02: each at an edge of its grid; paper_reproduction_partial.md).
+# OURS 0.1, lite0 FT 0.005 / OURS 0.02: each at an edge of its grid in an earlier seed-0 run).
 PLANS: dict[str, dict[str, Regime]] = {
     "full": {
         "smallcnn": Regime("smallcnn", "smallcnn_tiny", False, (28, 28), train_per_class=500, val_per_class=100,
