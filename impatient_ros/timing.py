@@ -126,6 +126,7 @@ class TimingModel:
         self._head = [_Window(self.window) for _ in range(self.num_stages)]
         self._stage = [_Window(self.window) for _ in range(self.num_stages)]  # block k + head k, one run
         self._path = [_Window(self.window) for _ in range(self.num_stages)]  # blocks 0..k, one run
+        self._windows = {"block": self._block, "head": self._head, "stage": self._stage, "path": self._path}
 
     # ------------------------------------------------------------------ updates
     def record(self, stage: int, block_s: float | None = None, head_s: float | None = None) -> None:
@@ -135,24 +136,23 @@ class TimingModel:
         The oldest sample of a full window is dropped, so the model follows drift.
         """
         self._check_stage(stage)
-        for part, value, store in (("block", block_s, self._block), ("head", head_s, self._head)):
-            if value is None:
-                continue
-            value = float(value)
-            if not math.isfinite(value) or value < 0.0:
-                raise TimingError(f"{part} time of stage {stage} must be a finite number >= 0 s, got {value!r}")
-            store[stage].add(value)
+        self._add("block", stage, block_s)
+        self._add("head", stage, head_s)
 
     def record_sums(self, stage: int, *, stage_s: float | None = None, path_s: float | None = None) -> None:
         """Add sums measured within one run: block + head of ``stage``, and/or blocks 0..``stage``."""
         self._check_stage(stage)
-        for part, value, store in (("stage", stage_s, self._stage), ("path", path_s, self._path)):
-            if value is None:
-                continue
-            value = float(value)
-            if not math.isfinite(value) or value < 0.0:
-                raise TimingError(f"{part} time of stage {stage} must be a finite number >= 0 s, got {value!r}")
-            store[stage].add(value)
+        self._add("stage", stage, stage_s)
+        self._add("path", stage, path_s)
+
+    def _add(self, part: str, stage: int, value: float | None) -> None:
+        """One sample (seconds) into the ``part`` window of ``stage``; None adds nothing."""
+        if value is None:
+            return
+        value = float(value)
+        if not math.isfinite(value) or value < 0.0:
+            raise TimingError(f"{part} time of stage {stage} must be a finite number >= 0 s, got {value!r}")
+        self._windows[part][stage].add(value)
 
     def reset(self) -> None:
         """Forget every sample (e.g. before re-calibrating on a changed device)."""
@@ -329,28 +329,20 @@ class TimingModel:
         for index, entry in enumerate(stages):
             if not isinstance(entry, dict) or entry.get("stage") != index + 1:
                 raise TimingError(f"{source}: stage entry {index} must be an object with \"stage\": {index + 1}")
-            for key in ("block_samples_ms", "head_samples_ms"):
-                values = entry.get(key)
-                if not isinstance(values, list) or not values:
+            # Block and head samples are required; the sums measured within one run are optional
+            # (files written before they existed lack them).
+            for part, required in (("block", True), ("head", True), ("stage", False), ("path", False)):
+                key = f"{part}_samples_ms"
+                values = entry.get(key, None if required else [])
+                if required and (not isinstance(values, list) or not values):
                     raise TimingError(f"{source}: stage {index + 1} needs a non-empty \"{key}\" list")
-                for value in values[-window:]:
-                    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                        raise TimingError(f"{source}: stage {index + 1} \"{key}\" holds {value!r}, "
-                                          "not a time >= 0 ms")
-                    if key == "block_samples_ms":
-                        model.record(index, block_s=value / 1e3)
-                    else:
-                        model.record(index, head_s=value / 1e3)
-            # Sums measured within one run (optional: files written before they existed lack them).
-            for key, name in (("stage_samples_ms", "stage_s"), ("path_samples_ms", "path_s")):
-                values = entry.get(key, [])
                 if not isinstance(values, list):
                     raise TimingError(f"{source}: stage {index + 1} \"{key}\" must be a list")
                 for value in values[-window:]:
                     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                         raise TimingError(f"{source}: stage {index + 1} \"{key}\" holds {value!r}, "
                                           "not a time >= 0 ms")
-                    model.record_sums(index, **{name: value / 1e3})
+                    model._add(part, index, value / 1e3)
         return model
 
     @classmethod
