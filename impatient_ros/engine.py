@@ -228,9 +228,9 @@ def resolve_device(device: str | torch.device = "auto", allow_cpu_fallback: bool
 # --------------------------------------------------------------------------- executors
 
 
-def _exit_probs(net: torch.nn.Module, k: int, h: torch.Tensor) -> torch.Tensor:
-    """Exit k's softmax probabilities (num_classes,), in float32 even for a half network."""
-    return torch.softmax(net.run_head(k, h).float(), dim=-1)[0]
+def _exit_probs(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """An exit's softmax probabilities (num_classes,) from its head, in float32 even for a half network."""
+    return torch.softmax(head(h).float(), dim=-1)[0]
 
 
 class _CpuExecutor:
@@ -251,15 +251,11 @@ class _CpuExecutor:
     def start(self, x: torch.Tensor) -> None:
         self._h = x
 
-    def _probs(self, k: int, h: torch.Tensor) -> np.ndarray:
-        # (1, num_classes) logits -> float32 probabilities (num_classes,), as _exit_probs
-        return torch.softmax(self._heads[k](h).float(), dim=-1)[0].numpy()
-
     def launch(self, k: int) -> _StageOutput:
         t0 = time.monotonic()
         self._h = self._blocks[k](self._h)
         t1 = time.monotonic()
-        probs = self._probs(k, self._h)
+        probs = _exit_probs(self._heads[k], self._h).numpy()
         t2 = time.monotonic()
         return _StageOutput(k, probs, [(k, t1 - t0)], t2 - t1, t2)
 
@@ -271,7 +267,7 @@ class _CpuExecutor:
             h = self._blocks[j](h)
             blocks.append((j, time.monotonic() - t0))
         t1 = time.monotonic()
-        probs = self._probs(k, h)
+        probs = _exit_probs(self._heads[k], h).numpy()
         t2 = time.monotonic()
         return _StageOutput(k, probs, blocks, t2 - t1, t2)
 
@@ -329,7 +325,7 @@ class _CudaExecutor:
                 h = self._static_in
                 for k in range(net.num_stages):
                     h = net.run_block(k, h)
-                    _exit_probs(net, k, h)
+                    _exit_probs(net.heads[k], h)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
         self._block_graphs: list[torch.cuda.CUDAGraph] = []
@@ -347,7 +343,7 @@ class _CudaExecutor:
             self._static_act.append(h)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                probs = _exit_probs(net, k, h)
+                probs = _exit_probs(net.heads[k], h)
             self._head_graphs.append(graph)
             self._static_probs.append(probs)
         torch.cuda.synchronize(self.device)
@@ -372,7 +368,7 @@ class _CudaExecutor:
             self._head_graphs[k].replay()
             probs = self._static_probs[k]
         else:
-            probs = _exit_probs(self.net, k, self._h)
+            probs = _exit_probs(self.net.heads[k], self._h)
             self._keep.append(probs)
         self._pinned[k].copy_(probs, non_blocking=True)
         self._ev_ready[k].record()
