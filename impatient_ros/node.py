@@ -809,13 +809,11 @@ def make_executor(kind: str) -> Any:
 def spin(executor: Any, node: Any) -> None:
     """Spin until the context shuts down (Ctrl-C, SIGTERM, rclpy.shutdown()).
 
-    Short spin_once calls rather than spin(): rclpy's EventsExecutor does not
-    return from spin() when a signal shuts the context down.
+    Short spin_once calls rather than spin(), for either executor: rclpy's
+    EventsExecutor does not return from spin() when a signal shuts the context
+    down (the SingleThreadedExecutor's spin() is this same loop).
     """
     executor.add_node(node)
-    if isinstance(executor, SingleThreadedExecutor):
-        executor.spin()
-        return
     while rclpy.ok(context=node.context):
         executor.spin_once(timeout_sec=0.2)
 
