@@ -18,8 +18,8 @@ from torch import nn
 # Run from a source checkout: `python bench/<script>.py` puts bench/ (not the root) on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from impatient_ros.checkpoint import LoadedCheckpoint, load_checkpoint  # noqa: E402
-from impatient_ros.model import NetConfig, build_network  # noqa: E402
+from impatient_ros.runtime.checkpoint import LoadedCheckpoint, load_checkpoint  # noqa: E402
+from impatient_ros.runtime.model import NetConfig, build_network  # noqa: E402
 
 # Backbone -> (input size, input channels, classes) of the figures in the README/FACTS.
 DEFAULT_SETUPS: dict[str, tuple[tuple[int, int], int, int]] = {
@@ -41,7 +41,7 @@ def checkpoint_file(path: str | None, workdir: Path) -> Path:
     embedded = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_smallcnn.pt"
     if embedded.is_file():
         return embedded
-    from impatient_ros.checkpoint import save_checkpoint
+    from impatient_ros.runtime.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     net = build_network(NetConfig(backbone="smallcnn", num_classes=10, in_channels=1, input_size=(28, 28)))

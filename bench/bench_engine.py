@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from _common import checkpoint_for, interleaved, median_p90_ms, plain_network, print_table
-from impatient_ros.engine import Mode, StagedEngine, StopReason
+from impatient_ros.runtime.engine import Mode, StagedEngine, StopReason
 
 
 def part_latency(engine: StagedEngine, reps: int, unfused: torch.nn.Module | None = None) -> None:

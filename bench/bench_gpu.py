@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from _common import interleaved, median_p90_ms, plain_network, print_table, random_checkpoint
-from impatient_ros.engine import Mode, StagedEngine
+from impatient_ros.runtime.engine import Mode, StagedEngine
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 

@@ -4,7 +4,7 @@ Prints measured figures (not a test; nothing is asserted). For each image size
 a node process is started, a camera stand-in in this process publishes rgb8
 images best effort at ``--rate`` Hz, and a subscriber records when each
 StagePrediction arrives. The node process is this script in ``--serve`` mode:
-the real :class:`impatient_ros.node.ImpatientNode`, with the engine's run
+the real :class:`impatient_ros.ros.node.ImpatientNode`, with the engine's run
 wrapped to record, per frame, the arrival of the image, the start of the run
 and every exit's ``elapsed_s`` / ``ready_time``. Linux's monotonic clock is
 shared by all processes, so the two sides' timestamps compare directly.
@@ -61,7 +61,7 @@ def serve(trace_path: Path, ros_args: list[str]) -> int:
     from rclpy.executors import ExternalShutdownException
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    from impatient_ros.node import ImpatientNode, make_executor, spin
+    from impatient_ros.ros.node import ImpatientNode, make_executor, spin
 
     rclpy.init(args=["impatient_node", "--ros-args", *ros_args])
     node = ImpatientNode()
@@ -110,9 +110,9 @@ def relay(trace_path: Path, ros_args: list[str]) -> int:
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
-    from impatient_ros.image_convert import image_to_array
+    from impatient_ros.ros.image_convert import image_to_array
     from impatient_ros.msg import StagePrediction
-    from impatient_ros.node import make_executor, spin
+    from impatient_ros.ros.node import make_executor, spin
 
     rclpy.init(args=["relay", "--ros-args", *ros_args])
     node = rclpy.create_node("impatient_node")
@@ -157,9 +157,9 @@ def measure(size: tuple[int, int], args: argparse.Namespace, checkpoint: Path, w
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
-    from impatient_ros.image_convert import array_to_image_fields
+    from impatient_ros.ros.image_convert import array_to_image_fields
     from impatient_ros.msg import StagePrediction
-    from impatient_ros.node import make_executor
+    from impatient_ros.ros.node import make_executor
 
     width, height = size
     trace_path = workdir / f"trace_{width}x{height}{serve_mode}.json"

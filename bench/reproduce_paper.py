@@ -57,10 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from impatient_ros.checkpoint import load_checkpoint  # noqa: E402
-from impatient_ros.model import build_network  # noqa: E402
+from impatient_ros.runtime.checkpoint import load_checkpoint  # noqa: E402
+from impatient_ros.runtime.model import build_network  # noqa: E402
 from training.baselines import DEFAULT_CS, fit_exit_probes  # noqa: E402
-from training.budget import scheme_weights  # noqa: E402
+from impatient_ros.core.budget import scheme_weights  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import load_data  # noqa: E402
 from training.evaluate import measure_costs  # noqa: E402

@@ -67,7 +67,7 @@ def camera_images(count: int = 256) -> tuple[list[Any], str]:
     """Frames to publish: Fashion-MNIST test images if installed, else synthetic 28x28 gray pictures."""
     import numpy as np
 
-    from impatient_ros.sources import SourceError, iterate_frames, open_source
+    from impatient_ros.tools.sources import SourceError, iterate_frames, open_source
 
     try:
         source = open_source("fashion-mnist:test")
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> tuple[Obse
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
-    from impatient_ros.image_convert import array_to_image_fields
+    from impatient_ros.ros.image_convert import array_to_image_fields
     from impatient_ros.msg import Budget, StagePrediction
 
     log_path = workdir / "node.log"
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> tuple[Obse
     ros_args = ["-r", f"__ns:={NAMESPACE}", "-p", f"checkpoint:={checkpoint}", "-p", f"device:={args.device}",
                 "-p", "diagnostics_period_s:=1.0", "-p", "budget_timeout_s:=3.0"]
     log = open(log_path, "w")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen([sys.executable, "-m", "impatient_ros.node", "--ros-args", *ros_args],
+    proc = subprocess.Popen([sys.executable, "-m", "impatient_ros.ros.node", "--ros-args", *ros_args],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     obs = Observations()
     rclpy.init()

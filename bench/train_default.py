@@ -90,7 +90,7 @@ def main() -> int:
 
     import torch
 
-    from impatient_ros.checkpoint import load_checkpoint, save_checkpoint
+    from impatient_ros.runtime.checkpoint import load_checkpoint, save_checkpoint
     from training.config import TrainConfig, load_yaml
     from training.trainer import evaluate_checkpoint
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from impatient_ros.model import NetConfig, build_network
+from impatient_ros.runtime.model import NetConfig, build_network
 from training.baselines import (
     BaselineError,
     ExitProbes,

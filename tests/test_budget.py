@@ -1,4 +1,4 @@
-"""Tests for training.budget: index schemes, budget distributions and paper Eq. 5."""
+"""Tests for impatient_ros.core.budget: index schemes, budget distributions and paper Eq. 5."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from training.budget import (
+from impatient_ros.core.budget import (
     SCHEMES,
     BudgetError,
     BudgetWeights,

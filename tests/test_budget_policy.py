@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from impatient_ros.budget_policy import (
+from impatient_ros.ros.budget_policy import (
     BudgetPolicy,
     BudgetPolicyConfig,
     EffectiveBudget,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from impatient_ros.backbones import torchvision_weights_path
-from impatient_ros.checkpoint import (
+from impatient_ros.runtime.backbones import torchvision_weights_path
+from impatient_ros.runtime.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
     CheckpointError,
@@ -20,7 +20,7 @@ from impatient_ros.checkpoint import (
     save_checkpoint,
     sidecar_path,
 )
-from impatient_ros.model import NetConfig, build_network
+from impatient_ros.runtime.model import NetConfig, build_network
 
 CLASSES = [f"class_{i}" for i in range(10)]
 GRAY_28 = {"input_size": [28, 28], "channels": "gray", "mean": [0.286], "std": [0.353]}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from impatient_ros.preprocess import Preprocessor
+from impatient_ros.runtime.preprocess import Preprocessor
 from tests.conftest import FASHION_MNIST_DIR, requires_fashion_mnist
 from training.data import (
     FASHION_MNIST_CLASSES,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from impatient_ros.checkpoint import load_checkpoint, save_checkpoint
-from impatient_ros.engine import (
+from impatient_ros.runtime.checkpoint import load_checkpoint, save_checkpoint
+from impatient_ros.runtime.engine import (
     DeviceFallbackWarning,
     DeviceUnavailableError,
     EngineError,
@@ -19,8 +19,8 @@ from impatient_ros.engine import (
     StagedEngine,
     StopReason,
 )
-from impatient_ros.model import NetConfig, build_network
-from impatient_ros.timing import TimingError, TimingModel
+from impatient_ros.runtime.model import NetConfig, build_network
+from impatient_ros.runtime.timing import TimingError, TimingModel
 
 CLASSES = [f"class{i}" for i in range(10)]
 PREPROCESSING = {"input_size": [28, 28], "channels": "gray", "mean": [0.286], "std": [0.353]}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from impatient_ros.checkpoint import save_checkpoint
-from impatient_ros.model import NetConfig, build_network
+from impatient_ros.runtime.checkpoint import save_checkpoint
+from impatient_ros.runtime.model import NetConfig, build_network
 from training.data import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, write_idx
 from training.evaluate import EvalError, load_logits, main, parse_data_spec
 from training.metrics import exit_accuracy

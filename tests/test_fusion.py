@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from impatient_ros.checkpoint import load_checkpoint, save_checkpoint
-from impatient_ros.engine import StagedEngine
-from impatient_ros.fusion import FusedHead, fuse_head, fuse_heads
-from impatient_ros.heads import make_head
-from impatient_ros.model import NetConfig, build_network
+from impatient_ros.runtime.checkpoint import load_checkpoint, save_checkpoint
+from impatient_ros.runtime.engine import StagedEngine
+from impatient_ros.runtime.fusion import FusedHead, fuse_head, fuse_heads
+from impatient_ros.runtime.heads import make_head
+from impatient_ros.runtime.model import NetConfig, build_network
 
 
 def _trained_like(head: torch.nn.Module, shape: tuple[int, int, int]) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Tests for impatient_ros.image_convert: round trips, zero-copy, every rejection, fuzzing.
+"""Tests for impatient_ros.ros.image_convert: round trips, zero-copy, every rejection, fuzzing.
 
 The expected layout of each encoding is written out here independently of the
 module's own table, and the fuzz test compares against a naive row-by-row
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from impatient_ros.image_convert import (
+from impatient_ros.ros.image_convert import (
     REASONS,
     SUPPORTED_ENCODINGS,
     DecodedImage,

@@ -13,8 +13,8 @@ from builtin_interfaces.msg import Duration, Time
 from rclpy.serialization import deserialize_message, serialize_message
 from std_msgs.msg import Header
 
-from impatient_ros.engine import StageResult, StopReason
-from impatient_ros.messages import (
+from impatient_ros.runtime.engine import StageResult, StopReason
+from impatient_ros.ros.messages import (
     build_stage_prediction,
     duration_fields,
     fill_duration,
@@ -157,7 +157,7 @@ def test_stage_accuracy(accuracies, stage, expected) -> None:
 
 
 def test_pure_modules_do_not_import_rclpy() -> None:
-    code = ("import sys; import impatient_ros.messages, impatient_ros.budget_policy, impatient_ros.diagnostics; "
+    code = ("import sys; import impatient_ros.ros.messages, impatient_ros.ros.budget_policy, impatient_ros.ros.diagnostics; "
             "bad = [m for m in sys.modules if m.split('.')[0] == 'rclpy' or m == 'impatient_ros.msg'];"
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

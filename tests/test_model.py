@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from impatient_ros import backbones
-from impatient_ros.backbones import (
+from impatient_ros.runtime import backbones
+from impatient_ros.runtime.backbones import (
     BackboneUnavailableError,
     PretrainedWeightsNotCachedError,
     pretrained_mean_std,
     torchvision_weights_path,
 )
-from impatient_ros.heads import Avg4x4Head, AvgHead, FCHead, make_head
-from impatient_ros.model import ImpatientNet, NetConfig, build_network, list_backbones, list_heads
+from impatient_ros.runtime.heads import Avg4x4Head, AvgHead, FCHead, make_head
+from impatient_ros.runtime.model import ImpatientNet, NetConfig, build_network, list_backbones, list_heads
 
 NUM_CLASSES = 5
 TORCHVISION = [

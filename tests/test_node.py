@@ -27,12 +27,12 @@ import torch
 import yaml
 from lifecycle_msgs.msg import Transition
 
-from impatient_ros.checkpoint import save_checkpoint
-from impatient_ros.diagnostics import OK, WARN, NodeStats, build_report
-from impatient_ros.image_convert import array_to_compressed
-from impatient_ros.model import NetConfig, build_network
+from impatient_ros.runtime.checkpoint import save_checkpoint
+from impatient_ros.ros.diagnostics import OK, WARN, NodeStats, build_report
+from impatient_ros.ros.image_convert import array_to_compressed
+from impatient_ros.runtime.model import NetConfig, build_network
 from impatient_ros.msg import StagePrediction
-from impatient_ros.node import (
+from impatient_ros.ros.node import (
     DEFAULT_MODEL_NAME,
     PARAMETERS,
     LatestFrameMailbox,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from impatient_ros.preprocess import BT601_WEIGHTS, PreprocessError, Preprocessor
+from impatient_ros.runtime.preprocess import BT601_WEIGHTS, PreprocessError, Preprocessor
 
 RGB_SPEC = {"input_size": [6, 8], "channels": "rgb", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 GRAY_SPEC = {"input_size": [6, 8], "channels": "gray", "mean": [0.2860], "std": [0.3530]}

@@ -55,9 +55,9 @@ from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import BatteryState, CompressedImage, Image
 
-from impatient_ros.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint, sidecar_path
-from impatient_ros.image_convert import array_to_compressed, array_to_image_fields
-from impatient_ros.model import NetConfig, build_network
+from impatient_ros.runtime.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint, sidecar_path
+from impatient_ros.ros.image_convert import array_to_compressed, array_to_image_fields
+from impatient_ros.runtime.model import NetConfig, build_network
 from impatient_ros.msg import Budget, StagePrediction
 from tests.ros.node_harness import (
     REPO,
@@ -463,7 +463,7 @@ def test_battery_monitor_going_stale_restores_the_default(probe: NodeProbe) -> N
 
 def _inproc_node(checkpoint: Path, namespace: str) -> Any:
     """An ImpatientNode in this process, configured and active (budgets never go stale)."""
-    from impatient_ros.node import ImpatientNode
+    from impatient_ros.ros.node import ImpatientNode
 
     overrides = [Parameter("checkpoint", value=str(checkpoint)), Parameter("device", value="cpu"),
                  Parameter("budget_timeout_s", value=0.0), Parameter("diagnostics_period_s", value=60.0)]
@@ -844,7 +844,7 @@ def test_broken_configuration_fails_configure_with_a_clear_message(checkpoints, 
     """Variants of the start-up faults above, through the same configure transition, in this process."""
     import re
 
-    from impatient_ros.node import ImpatientNode
+    from impatient_ros.ros.node import ImpatientNode
 
     extra, pattern = FAILED_CONFIGURES[case]
     overrides = [Parameter("checkpoint", value=str(checkpoints[case])), Parameter("device", value="cpu")]

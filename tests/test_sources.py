@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from impatient_ros.sources import (
+from impatient_ros.tools.sources import (
     FASHION_MNIST_CLASSES,
     FolderSource,
     Frame,

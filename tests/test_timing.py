@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from impatient_ros.timing import FORMAT, VERSION, TimingError, TimingModel
+from impatient_ros.runtime.timing import FORMAT, VERSION, TimingError, TimingModel
 
 
 def _fed(num_stages: int = 3, block=(0.010, 0.020, 0.030), head=(0.001, 0.002, 0.003), n: int = 10) -> TimingModel:

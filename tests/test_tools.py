@@ -25,9 +25,9 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-from impatient_ros.image_convert import compressed_to_array, image_to_array
-from impatient_ros.monitor_stats import MonitorStats, PredictionRecord, format_table, write_plot, write_summary
-from impatient_ros.schedule import (
+from impatient_ros.ros.image_convert import compressed_to_array, image_to_array
+from impatient_ros.tools.monitor_stats import MonitorStats, PredictionRecord, format_table, write_plot, write_summary
+from impatient_ros.tools.schedule import (
     MIN_DRAWN_BUDGET_MS,
     ConstantSchedule,
     DistributionSchedule,
@@ -36,7 +36,7 @@ from impatient_ros.schedule import (
     SweepSchedule,
     parse_schedule,
 )
-from impatient_ros.sources import Frame, convert_frame
+from impatient_ros.tools.sources import Frame, convert_frame
 from tests.test_sources import write_idx_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from impatient_ros.checkpoint import load_checkpoint
+from impatient_ros.runtime.checkpoint import load_checkpoint
 from tests.conftest import FASHION_MNIST_DIR, requires_fashion_mnist
 from training.cli import build_parser, main
 from training.config import ConfigError, TrainConfig, config_from_args, load_yaml
@@ -175,7 +175,7 @@ def test_distillation_and_eq5_budget_run(tmp_path: Path, caplog: pytest.LogCaptu
 
 
 def test_measure_exit_cost_is_cumulative() -> None:
-    from impatient_ros.model import NetConfig, build_network
+    from impatient_ros.runtime.model import NetConfig, build_network
 
     net = build_network(NetConfig(backbone="smallcnn_tiny", num_classes=3, in_channels=1, input_size=(28, 28)))
     cost = measure_exit_cost(net, torch.device("cpu"), reps=3, warmup=1)
@@ -297,7 +297,7 @@ def test_joint_loss_weights_and_distillation() -> None:
 
 
 def test_no_weight_decay_on_batch_norm_and_bias_and_the_schedule(tmp_path: Path) -> None:
-    from impatient_ros.model import NetConfig, build_network
+    from impatient_ros.runtime.model import NetConfig, build_network
 
     net = build_network(NetConfig(backbone="smallcnn_tiny", num_classes=10, in_channels=1, input_size=(28, 28)))
     decay, no_decay = param_groups(net, 1e-4)
@@ -339,7 +339,7 @@ def test_imagefolder_run_and_eval_only(tmp_path: Path) -> None:
 
 
 def test_backbone_learning_rate_scale(tmp_path: Path) -> None:
-    from impatient_ros.model import NetConfig, build_network
+    from impatient_ros.runtime.model import NetConfig, build_network
 
     net = build_network(NetConfig(backbone="smallcnn_tiny", num_classes=10, in_channels=1, input_size=(28, 28)))
     cfg = _cfg(tmp_path, "--lr", "0.4", "--min-lr", "0.0", "--epochs", "2", "--warmup-epochs", "0",

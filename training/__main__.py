@@ -1,5 +1,6 @@
-"""``python -m training``: the same as ``impatient-train`` (also what torchrun runs with ``-m training``)."""
+"""``python -m impatient_ros.training`` (``python -m training`` from a source checkout): the same as
+``impatient-train``, and what torchrun runs with ``-m``."""
 
-from training.cli import main
+from .cli import main
 
 raise SystemExit(main())

@@ -234,9 +234,9 @@ def install_probe(net: Any, k: int, probe: LinearProbe) -> None:
     identity (eval mode) and the probe's standardisation is folded into the
     Linear layer: ``W' = W / scale``, ``b' = b - W' mean``. This turns a probe
     fitted on a jointly trained network's own features ("head refit") into a
-    deployable network. Only the EP head kinds of impatient_ros.heads are supported.
+    deployable network. Only the EP head kinds of impatient_ros.runtime.heads are supported.
     """
-    from impatient_ros.heads import HEAD_KINDS
+    from impatient_ros.runtime.heads import HEAD_KINDS
 
     head = net.heads[k]
     if net.config.head not in HEAD_KINDS or not (hasattr(head, "norm") and hasattr(head, "fc")):

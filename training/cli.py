@@ -6,7 +6,7 @@ Examples::
     impatient-train --config configs/fashion_mnist_smallcnn.yaml --lr 0.05
     impatient-train --dataset imagefolder --data-dir ~/data/scenes15 --backbone resnet18 \\
         --input-size 224 --budget-distribution uniform:5,40 --calibration timing.json
-    torchrun --nproc_per_node 2 -m training --out runs/ddp        # data parallel
+    torchrun --nproc_per_node 2 -m impatient_ros.training --out runs/ddp        # data parallel
     impatient-train --eval-only runs/fmnist/best.pt               # per-exit test accuracy
 
 Options given on the command line override the ``--config`` YAML file, which
@@ -25,7 +25,7 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: run options, then the config groups (model, data, optimisation, budget, training)."""
-    from training.config import add_config_arguments
+    from .config import add_config_arguments
 
     parser = argparse.ArgumentParser(
         prog="impatient-train",
@@ -63,7 +63,7 @@ def _setup_logging() -> None:
 
 
 def _eval_only(args: argparse.Namespace) -> int:
-    from training.trainer import evaluate_checkpoint
+    from .trainer import evaluate_checkpoint
 
     opts = vars(args)
     stats = evaluate_checkpoint(
@@ -80,10 +80,10 @@ def _eval_only(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``impatient-train`` and ``python -m training``; returns the exit status."""
-    from impatient_ros.checkpoint import CheckpointError
-    from training.budget import BudgetError
-    from training.config import ConfigError, config_from_args
-    from training.data import DataError
+    from impatient_ros.runtime.checkpoint import CheckpointError
+    from impatient_ros.core.budget import BudgetError
+    from .config import ConfigError, config_from_args
+    from .data import DataError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.eval_only:
             return _eval_only(args)
-        from training.trainer import train
+        from .trainer import train
 
         cfg = config_from_args(args)
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
-from training.budget import (
+from impatient_ros.core.budget import (
     CALIBRATION_KEYS,
     SCHEMES,
     BudgetError,
@@ -40,7 +40,7 @@ from training.budget import (
     ready_times_from_calibration,
     scheme_weights,
 )
-from training.data import AUGMENTATIONS, CHANNELS, DATASETS, DataError, parse_val_split
+from .data import AUGMENTATIONS, CHANNELS, DATASETS, DataError, parse_val_split
 
 __all__ = [
     "OPTIMIZERS",
@@ -209,8 +209,8 @@ class TrainConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> TrainConfig:
         """Check every value; return self. Raises ConfigError naming the option and the valid values."""
-        from impatient_ros.backbones import BackboneUnavailableError, check_backbone_name
-        from impatient_ros.model import list_backbones, list_heads
+        from impatient_ros.runtime.backbones import BackboneUnavailableError, check_backbone_name
+        from impatient_ros.runtime.model import list_backbones, list_heads
 
         m, d, o, b = self.model, self.data, self.optim, self.budget
         try:
@@ -451,7 +451,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kw.setdefault("metavar", "X")
         group.add_argument(flag, dest=dest, default=S, help=help, **kw)
 
-    from impatient_ros.model import list_backbones, list_heads  # noqa: PLC0415  (torch import is needed anyway)
+    from impatient_ros.runtime.model import list_backbones, list_heads  # noqa: PLC0415  (torch import is needed anyway)
 
     g = parser.add_argument_group("model")
     opt(g, "--backbone", "model", "backbone", f"backbone: {', '.join(list_backbones())}", metavar="NAME")

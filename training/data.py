@@ -16,7 +16,7 @@ The validation split is always taken per class from the training data
 (the small-data regime).
 
 Preprocessing contract (stored in the checkpoint, replayed by
-``impatient_ros.preprocess.Preprocessor`` at run time): uint8 image -> /255 ->
+``impatient_ros.runtime.preprocess.Preprocessor`` at run time): uint8 image -> /255 ->
 resize to ``input_size`` (bilinear, antialiased when shrinking) -> ``(x - mean) /
 std``. The evaluation transform here does the same steps; resizing is linear
 and normalising affine, so the order of those two does not change the result

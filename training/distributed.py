@@ -1,6 +1,6 @@
 """Multi-process training helpers: torchrun environment, process group, sharded evaluation, reductions.
 
-``torchrun --nproc_per_node N -m training ...`` sets RANK, WORLD_SIZE and
+``torchrun --nproc_per_node N -m impatient_ros.training ...`` sets RANK, WORLD_SIZE and
 LOCAL_RANK; :func:`init_distributed` then joins the process group (NCCL on
 GPU, gloo on CPU). Without those variables everything here is a no-op on a
 single process, so the trainer has one code path.

@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from training.budget import SCHEMES, BudgetError, budget_weights, parse_distribution, scheme_weights
-from training.metrics import (
+from impatient_ros.core.budget import SCHEMES, BudgetError, budget_weights, parse_distribution, scheme_weights
+from .metrics import (
     CRITERIA,
     ExitCosts,
     MetricsError,
@@ -119,7 +119,7 @@ def load_split(loaded: Any, spec: DataSpec, split: str, max_per_class: int | Non
     ``train_per_class`` and the seed come from the checkpoint's train_config
     (defaults 0.1 and seed 0 when it has none; the returned info says so).
     """
-    from training.data import DataError, cap_per_class, load_data
+    from .data import DataError, cap_per_class, load_data
 
     if split not in ("test", "val"):
         raise EvalError(f"unknown split {split!r}; valid splits: test, val")
@@ -164,7 +164,7 @@ def _batches(dataset: Any, batch_size: int, workers: int) -> Any:
 
 def compute_logits(net: Any, dataset: Any, device: str = "cpu", batch_size: int = 256, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One pass: every exit's logits (K, N, C) float32 and the labels (N,)."""
-    from training.features import collect_outputs
+    from .features import collect_outputs
 
     out = collect_outputs(net, _batches(dataset, batch_size, workers), device=device)
     return out.logits, out.labels
@@ -203,7 +203,7 @@ def measure_costs(loaded: Any, device: str = "cpu", iterations: int = 50, warmup
     Medians, because a shared machine adds rare long stalls that are not the
     network's cost. Note: the engine takes over ``loaded.net`` (eval mode, on ``device``).
     """
-    from impatient_ros.engine import StagedEngine
+    from impatient_ros.runtime.engine import StagedEngine
 
     engine = StagedEngine(loaded, device, allow_cpu_fallback=False)
     timing = engine.calibrate(warmup=warmup, iterations=iterations)
@@ -213,8 +213,8 @@ def measure_costs(loaded: Any, device: str = "cpu", iterations: int = 50, warmup
 
 
 def costs_from_calibration(path: str | Path, num_stages: int, input_size: Sequence[int] | None = None) -> ExitCosts:
-    """Stage costs (medians of the samples) from an engine calibration file (``impatient_ros.timing``)."""
-    from impatient_ros.timing import TimingError, TimingModel
+    """Stage costs (medians of the samples) from an engine calibration file (``impatient_ros.runtime.timing``)."""
+    from impatient_ros.runtime.timing import TimingError, TimingModel
 
     try:
         timing = TimingModel.load(path, num_stages=num_stages,
@@ -427,8 +427,8 @@ def _class_index(name: str | None, class_names: Sequence[str]) -> int | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation described by parsed CLI ``args``; return the report dict (also written to --out)."""
-    from impatient_ros.checkpoint import CheckpointError, load_checkpoint
-    from training import report as report_mod
+    from impatient_ros.runtime.checkpoint import CheckpointError, load_checkpoint
+    from . import report as report_mod
 
     started = time.perf_counter()
     out = Path(args.out)

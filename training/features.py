@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from impatient_ros.heads import HEAD_KINDS
-from impatient_ros.model import ImpatientNet
+from impatient_ros.runtime.heads import HEAD_KINDS
+from impatient_ros.runtime.model import ImpatientNet
 
 __all__ = ["POOLINGS", "ExitOutputs", "pool_features", "collect_outputs"]
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from training.budget import SCHEMES, expected_accuracy, scheme_weights
+from impatient_ros.core.budget import SCHEMES, expected_accuracy, scheme_weights
 
 __all__ = [
     "CRITERIA",

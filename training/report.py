@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from training.metrics import CascadeCurve
+from .metrics import CascadeCurve
 
 __all__ = [
     "ExampleImages",

@@ -10,7 +10,7 @@ Layout follows torchvision's classification reference: ``train_one_epoch``,
 ``evaluate``, ``train`` (the run), ``evaluate_checkpoint`` (``--eval-only``).
 
 Outputs in ``<out>/``: ``last.pt`` and ``best.pt`` (self-describing
-checkpoints via :func:`impatient_ros.checkpoint.save_checkpoint`; 'best' by the
+checkpoints via :func:`impatient_ros.runtime.checkpoint.save_checkpoint`; 'best' by the
 budget-weighted expected validation accuracy), ``resume.pt`` (optimizer,
 scheduler, scaler, epoch, best metric and RNG states: plain types and
 tensors, loadable with ``weights_only=True``), ``config.yaml`` (the final
@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from impatient_ros.checkpoint import load_checkpoint, save_checkpoint
-from impatient_ros.model import ImpatientNet, NetConfig, build_network
-from training.budget import expected_accuracy
-from training.config import ConfigError, TrainConfig, describe, save_yaml
-from training.data import DataBundle, load_data
-from training.distributed import (
+from impatient_ros.runtime.checkpoint import load_checkpoint, save_checkpoint
+from impatient_ros.runtime.model import ImpatientNet, NetConfig, build_network
+from impatient_ros.core.budget import expected_accuracy
+from .config import ConfigError, TrainConfig, describe, save_yaml
+from .data import DataBundle, load_data
+from .distributed import (
     DistContext,
     ShardSampler,
     all_gather_objects,
@@ -408,7 +408,7 @@ def _load_bundle(cfg: TrainConfig, mean: Sequence[float] | None = None, std: Seq
     d = cfg.data
     if mean is None and d.mean is None and cfg.model.pretrained:
         # Pretrained weights expect the statistics they were trained with.
-        from impatient_ros.backbones import pretrained_mean_std
+        from impatient_ros.runtime.backbones import pretrained_mean_std
 
         channels = d.channels or ("gray" if d.dataset == "fashion-mnist" else "rgb")
         stats = pretrained_mean_std(cfg.model.backbone, 1 if channels == "gray" else 3)

@@ -1,7 +1,7 @@
 """impatient-budget: publish impatient_ros/Budget messages from a schedule or a distribution.
 
 Stands in for a planner that sets the time budget of the classifier node. The
-``schedule`` parameter takes the forms of :mod:`impatient_ros.schedule`, e.g.
+``schedule`` parameter takes the forms of :mod:`impatient_ros.tools.schedule`, e.g.
 ``sweep:1,20,10`` (tight to loose over 10 s, repeating), ``steps:5,10,20@2``,
 ``constant:8`` or a seeded random draw such as ``uniform:2,20``. The schedule
 can be changed while running (``ros2 param set``); its clock then restarts.
@@ -27,8 +27,8 @@ from rclpy.task import Future
 from std_msgs.msg import Header
 
 from impatient_ros.msg import Budget
-from impatient_ros.schedule import SPEC_FORMS, BudgetSchedule, ScheduleError, parse_schedule
-from impatient_ros.tools import RELIABILITIES, check_declared, describe, make_qos, run_node
+from impatient_ros.tools.schedule import SPEC_FORMS, BudgetSchedule, ScheduleError, parse_schedule
+from impatient_ros.tools.common import RELIABILITIES, check_declared, describe, make_qos, run_node
 
 __all__ = ["BudgetNode", "duration_from_ms", "main"]
 

@@ -33,8 +33,8 @@ from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, Int32MultiArray, MultiArrayDimension
 
-from impatient_ros.image_convert import ImageConversionError, array_to_compressed, array_to_image_fields
-from impatient_ros.sources import (
+from impatient_ros.ros.image_convert import ImageConversionError, array_to_compressed, array_to_image_fields
+from impatient_ros.tools.sources import (
     DEFAULT_FASHION_MNIST_DIR,
     ENCODINGS,
     SPEC_FORMS,
@@ -44,7 +44,7 @@ from impatient_ros.sources import (
     iterate_frames,
     open_source,
 )
-from impatient_ros.tools import RELIABILITIES, check_declared, describe, make_qos, run_node
+from impatient_ros.tools.common import RELIABILITIES, check_declared, describe, make_qos, run_node
 
 __all__ = ["LABEL_LAYOUT", "CameraNode", "main"]
 

@@ -12,7 +12,7 @@ Predictions and labels are joined by the image's header stamp. Every
 ``print_period_s`` a table goes to stdout: per stage the message count,
 accuracy (when labels are known), latency p50/p99, how many images ended
 there and how many messages overran their budget; then the stop reasons and
-the frame counts (see :mod:`impatient_ros.monitor_stats` for the
+the frame counts (see :mod:`impatient_ros.tools.monitor_stats` for the
 definitions). On exit (Ctrl-C, SIGTERM or ``duration_s``) the final table is
 printed and the summary JSON (``summary_path``) and the plot PNG
 (``plot_path``) are written.
@@ -33,9 +33,9 @@ from rclpy.parameter import Parameter
 from rclpy.task import Future
 from std_msgs.msg import Int32MultiArray
 
-from impatient_ros.monitor_stats import MonitorStats, PredictionRecord, format_table, write_plot, write_summary
+from impatient_ros.tools.monitor_stats import MonitorStats, PredictionRecord, format_table, write_plot, write_summary
 from impatient_ros.msg import StagePrediction
-from impatient_ros.tools import RELIABILITIES, check_declared, describe, make_qos, run_node
+from impatient_ros.tools.common import RELIABILITIES, check_declared, describe, make_qos, run_node
 
 __all__ = ["MonitorNode", "main", "record_from_message"]
 

@@ -1,6 +1,6 @@
 """Drive a real impatient_node process from a test: start it, feed it, listen to it, set its parameters.
 
-The node runs as ``python -m impatient_ros.node --ros-args ...`` in its own
+The node runs as ``python -m impatient_ros.ros.node --ros-args ...`` in its own
 process; :class:`NodeProbe` is an rclpy node in the test process whose
 executor spins in a background thread, so tests can publish and wait without
 spinning by hand. Images carry a unique ``header.frame_id`` per frame, which the
@@ -34,7 +34,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import BatteryState, CompressedImage, Image
 
-from impatient_ros.image_convert import array_to_compressed, array_to_image_fields
+from impatient_ros.ros.image_convert import array_to_compressed, array_to_image_fields
 from impatient_ros.msg import Budget, StagePrediction
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,14 +42,14 @@ RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
 
 def start_node(ros_args: Sequence[str], log_path: Path) -> subprocess.Popen:
-    """Start ``python -m impatient_ros.node --ros-args <ros_args>`` from the repo root, output to ``log_path``."""
+    """Start ``python -m impatient_ros.ros.node --ros-args <ros_args>`` from the repo root, output to ``log_path``."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     # The source tree first (the modules under test); impatient_ros.msg still comes from the venv.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     log = open(log_path, "w")  # noqa: SIM115 - closed by stop_node
-    proc = subprocess.Popen([sys.executable, "-m", "impatient_ros.node", "--ros-args", *ros_args],
+    proc = subprocess.Popen([sys.executable, "-m", "impatient_ros.ros.node", "--ros-args", *ros_args],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log_file = log  # type: ignore[attr-defined]
     proc.log_path = log_path  # type: ignore[attr-defined]

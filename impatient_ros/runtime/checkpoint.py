@@ -38,7 +38,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from impatient_ros.model import ImpatientNet, NetConfig, build_network
+from impatient_ros.runtime.model import ImpatientNet, NetConfig, build_network
 
 FORMAT = "impatient_ros.checkpoint"
 FORMAT_VERSION = 1
@@ -221,7 +221,7 @@ def load_checkpoint(
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an impatient_ros checkpoint (it has no 'format': {FORMAT!r} entry); "
-            f"write checkpoints with impatient_ros.checkpoint.save_checkpoint"
+            f"write checkpoints with impatient_ros.runtime.checkpoint.save_checkpoint"
         )
     version = data.get("format_version")
     if not _is_int(version) or version < 1:

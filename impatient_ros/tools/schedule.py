@@ -8,7 +8,7 @@ Pure (no rclpy), table-tested. Spec strings, parsed by :func:`parse_schedule`:
   ``period_s`` seconds, then again from start (a saw tooth). Tight to loose is
   ``start < end``; the reverse order sweeps loose to tight.
 * ``steps:10,20,40@2`` - each value (ms) held for 2 s, in order, repeating.
-* any budget distribution ``training.budget.parse_distribution`` understands
+* any budget distribution ``impatient_ros.core.budget.parse_distribution`` understands
   (``uniform:2,20``, ``normal:10,3``, ``exponential:8``, ``gamma:2,5``,
   ``empirical:budgets.csv``) - a fresh random draw for every message, from a
   seeded generator so a run can be repeated.
@@ -149,7 +149,7 @@ class StepsSchedule:
 class DistributionSchedule:
     """A fresh draw from a budget distribution for every message (seeded, so repeatable)."""
 
-    distribution: object  # a training.budget.BudgetDistribution: has sample(n, rng) and to_spec()
+    distribution: object  # a impatient_ros.core.budget.BudgetDistribution: has sample(n, rng) and to_spec()
     seed: int = 0
     _rng: np.random.Generator = field(init=False, repr=False)
 
@@ -210,7 +210,7 @@ def parse_schedule(spec: str, seed: int = 0) -> BudgetSchedule:
         return StepsSchedule(tuple(values), hold[0])
     # Everything else is a budget distribution. Imported here, not at the top:
     # the distributions belong to the training package, which only this form needs.
-    from training.budget import BudgetError, parse_distribution
+    from impatient_ros.core.budget import BudgetError, parse_distribution
 
     try:
         distribution = parse_distribution(text)

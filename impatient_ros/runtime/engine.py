@@ -15,10 +15,10 @@ Rules that hold in every mode:
 * A stage that has started always completes (PyTorch kernels cannot be
   interrupted safely); the engine instead decides *before* each stage: it starts
   stage k only if ``now + predicted completion <= deadline``, the prediction
-  being the :class:`~impatient_ros.timing.TimingModel` quantile
+  being the :class:`~impatient_ros.runtime.timing.TimingModel` quantile
   ``admission_quantile`` (p99 by default) of that stage's block + head.
 * Nothing is guessed: with a deadline and no timings the run raises
-  :class:`~impatient_ros.timing.TimingError` (calibrate or load a file first).
+  :class:`~impatient_ros.runtime.timing.TimingError` (calibrate or load a file first).
 * Every run's measured block and head times update the timing model (online,
   sliding window), so the model follows thermal and load drift.
 * Stage numbers are 1-based in results (as in the messages), 0-based in code.
@@ -54,12 +54,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from impatient_ros.fusion import fuse_heads as fuse_heads_of
-from impatient_ros.preprocess import Preprocessor
-from impatient_ros.timing import TimingError, TimingModel
+from impatient_ros.runtime.fusion import fuse_heads as fuse_heads_of
+from impatient_ros.runtime.preprocess import Preprocessor
+from impatient_ros.runtime.timing import TimingError, TimingModel
 
 if TYPE_CHECKING:  # the engine only reads .net, .preprocessing and .class_names
-    from impatient_ros.checkpoint import LoadedCheckpoint
+    from impatient_ros.runtime.checkpoint import LoadedCheckpoint
 
 __all__ = [
     "DEFAULT_CASCADE_THRESHOLD",
@@ -465,7 +465,7 @@ class StagedEngine:
 
         self.net.eval()
         # Batch norm folded into each head's linear layer (and small pooling into one product): exact up to
-        # rounding, and a head costs one or two operator calls instead of four (see impatient_ros.fusion).
+        # rounding, and a head costs one or two operator calls instead of four (see impatient_ros.runtime.fusion).
         self.head_kinds: list[str] = fuse_heads_of(self.net) if fuse_heads else []
         self.net.to(self.device)
         if fp16:
@@ -519,7 +519,7 @@ class StagedEngine:
         return self.timing
 
     def save_calibration(self, path: str | Path) -> Path:
-        """Write the timing model as a calibration file (see impatient_ros.timing)."""
+        """Write the timing model as a calibration file (see impatient_ros.runtime.timing)."""
         return self.timing.save(path)
 
     def load_calibration(self, path: str | Path, *, strict: bool = True) -> TimingModel:

@@ -1,6 +1,6 @@
 """Inference form of the early-prediction heads: batch norm folded into the linear layer.
 
-A trained EP head is pooling -> batch norm -> linear (:mod:`impatient_ros.heads`).
+A trained EP head is pooling -> batch norm -> linear (:mod:`impatient_ros.runtime.heads`).
 In evaluation mode the batch norm is a fixed per-feature affine map, so it folds
 into the linear layer exactly (up to float rounding)::
 

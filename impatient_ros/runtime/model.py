@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from impatient_ros.backbones import build_backbone, known_backbone_names, list_backbones
-from impatient_ros.heads import HEAD_KINDS, make_head
+from impatient_ros.runtime.backbones import build_backbone, known_backbone_names, list_backbones
+from impatient_ros.runtime.heads import HEAD_KINDS, make_head
 
 __all__ = ["NetConfig", "ImpatientNet", "build_network", "list_backbones", "list_heads"]
 

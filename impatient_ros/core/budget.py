@@ -25,7 +25,7 @@ Conventions (documented once here, relied on by the tests):
 * The gamma CDF uses ``torch.special.gammainc`` (regularised lower incomplete
   gamma), imported lazily: torch is already a hard dependency of the training
   package, whereas scipy would be a new one for a single function; the lazy
-  import keeps ``import training.budget`` (and CLI parsing) fast.
+  import keeps ``import impatient_ros.core.budget`` (and CLI parsing) fast.
 
 Everything here is pure: no global state, no rclpy, no torch at import time.
 """
@@ -555,7 +555,7 @@ def budget_weights(dist: BudgetDistribution, ready_times_ms: Sequence[float] | n
 def ready_times_from_calibration(path: str | Path, key: str = "mean_ms") -> np.ndarray:
     """Exit ready times t_k (ms) from a timing calibration JSON file.
 
-    The engine's timing file (``format`` ``impatient_ros.timing``, version 1) lists
+    The engine's timing file (``format`` ``impatient_ros.runtime.timing``, version 1) lists
     each stage's own latency (block + head); t_k is the cumulative sum over
     stages 1..k of ``key`` (``mean_ms``, ``p50_ms`` or ``p99_ms``). Summing
     per-stage p99 gives a pessimistic bound, not the p99 of the sum.

@@ -1,9 +1,9 @@
 """The ROS 2 node ``impatient_node``: camera images in, one StagePrediction per exit out, under a deadline.
 
-A thin adapter: image decoding (:mod:`impatient_ros.image_convert`), the budget
-policy (:mod:`impatient_ros.budget_policy`), staged inference
-(:mod:`impatient_ros.engine`), message filling (:mod:`impatient_ros.messages`)
-and statistics (:mod:`impatient_ros.diagnostics`) are pure modules; this file
+A thin adapter: image decoding (:mod:`impatient_ros.ros.image_convert`), the budget
+policy (:mod:`impatient_ros.ros.budget_policy`), staged inference
+(:mod:`impatient_ros.runtime.engine`), message filling (:mod:`impatient_ros.ros.messages`)
+and statistics (:mod:`impatient_ros.ros.diagnostics`) are pure modules; this file
 wires them to topics, parameters and the lifecycle.
 
 Topics (relative names, so ``-r __ns:=`` and remaps apply)::
@@ -33,7 +33,7 @@ subscriptions and starts the inference thread; *deactivate* stops both;
 true, since pip installs have no lifecycle manager) the node configures and
 activates itself at start-up and exits with status 1 if that fails.
 
-Deadlines (see :mod:`impatient_ros.budget_policy`): deadline = reference time
+Deadlines (see :mod:`impatient_ros.ros.budget_policy`): deadline = reference time
 + effective budget, on ``time.monotonic()``. The image callback reads the
 node's ROS clock and the monotonic clock together at arrival; with
 ``reference_time: stamp`` the header stamp is shifted by their difference onto
@@ -74,16 +74,16 @@ from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import BatteryState, CompressedImage, Image
 
-from impatient_ros.budget_policy import (
+from impatient_ros.ros.budget_policy import (
     BudgetPolicy,
     BudgetPolicyConfig,
     combine_stage_caps,
     reference_time,
     validate_energy_table,
 )
-from impatient_ros.diagnostics import ERROR, NodeStats, StatsSnapshot, build_report
-from impatient_ros.image_convert import ImageConversionError, compressed_to_array, image_to_array
-from impatient_ros.messages import build_stage_prediction, resolve_labels, stage_accuracy
+from impatient_ros.ros.diagnostics import ERROR, NodeStats, StatsSnapshot, build_report
+from impatient_ros.ros.image_convert import ImageConversionError, compressed_to_array, image_to_array
+from impatient_ros.ros.messages import build_stage_prediction, resolve_labels, stage_accuracy
 from impatient_ros.msg import Budget, StagePrediction
 
 __all__ = [
@@ -254,7 +254,7 @@ def default_checkpoint_candidates() -> list[Path]:
     except ImportError:
         pass
     candidates.append(Path(sys.prefix) / "share" / "impatient_ros" / "models" / DEFAULT_MODEL_NAME)
-    candidates.append(Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODEL_NAME)
+    candidates.append(Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME)
     unique: list[Path] = []
     for path in candidates:
         if path not in unique:
@@ -467,9 +467,9 @@ class ImpatientNode(LifecycleNode):
 
     def _configure(self) -> None:
         # Imported here: torch takes seconds to import, parameter errors should not wait for it.
-        from impatient_ros.checkpoint import CheckpointError, load_checkpoint
-        from impatient_ros.engine import StagedEngine
-        from impatient_ros.timing import TimingError
+        from impatient_ros.runtime.checkpoint import CheckpointError, load_checkpoint
+        from impatient_ros.runtime.engine import StagedEngine
+        from impatient_ros.runtime.timing import TimingError
 
         path = self._checkpoint_path()
         try:
@@ -715,8 +715,8 @@ class ImpatientNode(LifecycleNode):
         return image_to_array(msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data)
 
     def _process(self, frame: _Frame) -> None:
-        from impatient_ros.engine import StopReason
-        from impatient_ros.preprocess import PreprocessError
+        from impatient_ros.runtime.engine import StopReason
+        from impatient_ros.runtime.preprocess import PreprocessError
 
         engine, settings = self._engine, self._settings
         if engine is None:

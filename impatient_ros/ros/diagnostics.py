@@ -9,7 +9,7 @@ Definitions:
 
 * received = every image message that arrived; dropped = replaced in the
   single-slot mailbox by a newer one before inference started; rejected = not
-  decodable (counted per :data:`impatient_ros.image_convert.REASONS` code, plus
+  decodable (counted per :data:`impatient_ros.ros.image_convert.REASONS` code, plus
   ``preprocess_failed`` / ``engine_error``); processed = reached the engine
   (including NO_TIME images, for which nothing was published).
 * A frame *hits* its deadline when its final message was published no later
@@ -48,7 +48,7 @@ LATENCY_WINDOW = 256
 RECENT_FRAMES = 100           # window of the recent deadline hit rate
 WARN_HIT_RATE = 0.95          # recent hit rate below this: WARN
 STOP_NAMES = {0: "none", 1: "deadline", 2: "confident", 3: "max_stage", 4: "complete", 5: "error", 6: "no_time"}
-NO_TIME = 6  # impatient_ros.engine.StopReason.NO_TIME (this module does not import torch)
+NO_TIME = 6  # impatient_ros.runtime.engine.StopReason.NO_TIME (this module does not import torch)
 
 
 @dataclass(frozen=True)
