@@ -18,6 +18,8 @@ run code on load. Entries:
     exit_cost         None or a dict (e.g. device, mean_ms per exit)
     train_config      None or a dict
     extra             None or a dict
+    ensemble          optional: None or {"kind": "geometric", "weights": [[w_11], [w_21, w_22], ...]}
+                      (exit ensembles, impatient_ros.core.ensemble); absent in older files = None
 
 Files are written atomically (temp file in the same directory, fsync,
 os.replace) with a ``<path>.sha256`` sidecar in ``sha256sum`` format.
@@ -29,15 +31,15 @@ import hashlib
 import math
 import os
 import pickle
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
+from impatient_ros.core.atomic import atomic_write
 from impatient_ros.runtime.model import ImpatientNet, NetConfig, build_network
 
 FORMAT = "impatient_ros.checkpoint"
@@ -64,6 +66,7 @@ class LoadedCheckpoint:
     exit_cost: dict[str, Any] | None
     train_config: dict[str, Any] | None
     meta: dict[str, Any]  # format, format_version, created, torch_version, stage shapes, extra, path, sha256
+    ensemble: dict[str, Any] | None = None  # exit-ensemble weights (impatient_ros.core.ensemble), if any
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:
@@ -86,6 +89,7 @@ def save_checkpoint(
     exit_cost: Mapping[str, Any] | None = None,
     train_config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    ensemble: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``net`` and its description to ``path`` atomically; return the path.
 
@@ -113,52 +117,23 @@ def save_checkpoint(
         "train_config": _plain(train_config, "train_config"),
         "extra": _plain(extra, "extra"),
     }
+    if ensemble is not None:  # written only when there is one: older readers see the same keys as before
+        payload["ensemble"] = _plain(ensemble, "ensemble")
     _validate_description(payload, net.config, net.num_stages)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = sidecar_path(path)
-    # The old sidecar goes only once the new file is complete, right before the swap: a crash
-    # then leaves a checkpoint without a sidecar (loads unverified), never one with a wrong hash.
-    digest = _atomic_write(
-        path, lambda f: torch.save(payload, f), before_replace=lambda: sidecar.unlink(missing_ok=True)
-    )
-    _atomic_write(sidecar, lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    digests: list[str] = []
+
+    def hash_then_drop_sidecar(tmp: Path) -> None:
+        # The old sidecar goes only once the new file is complete, right before the swap: a crash
+        # then leaves a checkpoint without a sidecar (loads unverified), never one with a wrong hash.
+        digests.append(_sha256_file(tmp))
+        sidecar.unlink(missing_ok=True)
+
+    atomic_write(path, lambda f: torch.save(payload, f), before_replace=hash_then_drop_sidecar)
+    atomic_write(sidecar, lambda f: f.write(f"{digests[0]}  {path.name}\n".encode()))
     return path
-
-
-def _atomic_write(
-    path: Path, write: Callable[[BinaryIO], Any], before_replace: Callable[[], Any] | None = None
-) -> str:
-    """Write a temp file beside ``path``, fsync, os.replace it onto ``path``; return the sha256 of the bytes."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = _sha256_file(tmp)
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-    return digest
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds: the replace is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256_file(path: Path) -> str:
@@ -279,6 +254,7 @@ def load_checkpoint(
         exit_cost=data.get("exit_cost"),
         train_config=data.get("train_config"),
         meta=meta,
+        ensemble=data.get("ensemble"),
     )
 
 
@@ -424,6 +400,11 @@ def _validate_description(data: Mapping[str, Any], config: NetConfig, num_stages
     for key in ("exit_cost", "train_config", "extra"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise ValueError(f"{key} must be None or a dict, got {type(data[key]).__name__}")
+
+    if data.get("ensemble") is not None:
+        from impatient_ros.core.ensemble import validate_ensemble
+
+        validate_ensemble(data["ensemble"], num_stages)  # EnsembleError is a ValueError naming the entry
 
 
 def _validate_preprocessing(pre: Any, config: NetConfig) -> None:

@@ -1,0 +1,190 @@
+"""Tests for the training-side levers: LP-FT start, post-hoc head refit, exit ensembles (tiny networks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from impatient_ros.core.ensemble import (
+    EnsembleError,
+    combine_log_probs,
+    combine_probabilities,
+    ensemble_log_probs,
+    identity_weights,
+    log_softmax,
+    validate_ensemble,
+)
+from impatient_ros.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from impatient_ros.runtime.model import NetConfig, build_network
+from training.baselines import fit_exit_probes
+from training.ensemble import fit_geometric_ensemble
+from training.features import collect_outputs
+from training.probes import linear_probe_start, refit_heads
+
+CLASSES = [f"c{i}" for i in range(4)]
+GRAY = {"input_size": [16, 16], "channels": "gray", "mean": [0.0], "std": [1.0]}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randn(n, 1, 16, 16, generator=g) * 0.5
+    x[:, :, :8, :8] += y.view(-1, 1, 1, 1).float() * 0.4  # a learnable signal
+    return TensorDataset(x, y)
+
+
+def _net(head: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = build_network(NetConfig("smallcnn_tiny", 4, head=head, in_channels=1, input_size=(16, 16)))
+    net.train()
+    net(torch.randn(16, 1, 16, 16))  # batch-norm statistics away from their defaults
+    return net.eval()
+
+
+def _outs(net, ds, features=True):
+    return collect_outputs(net, DataLoader(ds, batch_size=64), features=features)
+
+
+@pytest.mark.parametrize("head", ["avg4x4", "avg", "fc"])
+def test_lp_start_equals_the_probes_of_the_frozen_network(head: str) -> None:
+    net = _net(head)
+    train, val = _data(96, 1), _data(40, 2)
+    # ORIG: probes on the frozen network's pooled features, C per exit on val.
+    tr, va = _outs(net, train), _outs(net, val)
+    Cs = (0.01, 1.0)
+    orig = fit_exit_probes(tr.features, tr.labels, va.features, va.labels, Cs, num_classes=4)
+    info = linear_probe_start(net, train, val, Cs=Cs)
+    assert info["chosen_C"] == orig.chosen_C
+    after = _outs(net, val, features=False)
+    expected = orig.logits(va.features)
+    np.testing.assert_allclose(after.logits, expected, rtol=1e-3, atol=1e-3)
+    assert (after.logits.argmax(2) == expected.argmax(2)).all()
+    # Features untouched: only the heads changed.
+    again = _outs(net, val)
+    for a, b in zip(again.features, va.features):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lp_start_head_batch_norm_holds_the_training_statistics() -> None:
+    # In training mode the head normalises with batch statistics; on the full training set they equal the
+    # running ones, so the head's output does not jump when fine-tuning starts.
+    net = _net("avg4x4")
+    train, val = _data(96, 1), _data(40, 2)
+    linear_probe_start(net, train, val, Cs=(1.0,))
+    x = train.tensors[0]
+    with torch.no_grad():
+        h = x
+        for k in range(net.num_stages):
+            h = net.run_block(k, h)
+            head = net.heads[k]
+            head.eval()
+            z_eval = head(h)
+            head.train()
+            z_train = head(h)
+            head.eval()
+            torch.testing.assert_close(z_train, z_eval, rtol=1e-3, atol=1e-3)
+
+
+def test_refit_head_equals_a_probe_on_the_same_features() -> None:
+    net = _net("avg4x4")  # untrained heads: near chance, so every probe wins on val
+    train, val = _data(96, 3), _data(40, 4)
+    tr, va = _outs(net, train), _outs(net, val)
+    probes = fit_exit_probes(tr.features, tr.labels, va.features, va.labels, (0.1, 1.0), num_classes=4)
+    report = refit_heads(net, train, val, Cs=(0.1, 1.0))
+    assert report["chosen_C"] == probes.chosen_C
+    after = _outs(net, val, features=False)
+    expected = probes.logits(va.features)
+    for k, refit in enumerate(report["refit"]):
+        if refit:
+            np.testing.assert_allclose(after.logits[k], expected[k], rtol=1e-3, atol=1e-3)
+        else:  # kept only where val said the trained head is at least as good
+            assert report["val_head_accuracy"][k] >= report["val_probe_accuracy"][k]
+    assert any(report["refit"])
+
+
+def test_refit_keeps_a_head_that_is_better_on_val() -> None:
+    net = _net("avg4x4")
+    train, val = _data(96, 3), _data(40, 4)
+    linear_probe_start(net, train, val, Cs=(1.0,))  # heads already are the C=1 probes
+    before = _outs(net, val, features=False).logits
+    report = refit_heads(net, train, val, Cs=(1.0,))
+    assert report["refit"] == [False] * net.num_stages  # same probe again: not strictly better
+    np.testing.assert_array_equal(_outs(net, val, features=False).logits, before)
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+def test_combining_changes_the_answer_on_a_constructed_case() -> None:
+    p = np.array([[[0.6, 0.4]], [[0.45, 0.55]]])  # exit 1 says class 0 clearly, exit 2 says class 1 weakly
+    plain = combine_probabilities(p, identity_weights(2))
+    assert plain[1, 0].argmax() == 1
+    np.testing.assert_allclose(plain, p)
+    geo = combine_probabilities(p, [[1.0], [1.0, 1.0]])
+    np.testing.assert_allclose(geo.sum(axis=-1), 1.0)
+    assert geo[1, 0].argmax() == 0  # 0.6*0.45 = 0.27 > 0.4*0.55 = 0.22
+    np.testing.assert_allclose(geo[1, 0], np.array([0.27, 0.22]) / 0.49)
+    # One image as (K, C), and log-space input.
+    np.testing.assert_allclose(combine_probabilities(p[:, 0], [[1.0], [1.0, 1.0]]), geo[:, 0])
+    np.testing.assert_allclose(np.exp(combine_log_probs(np.log(p), [[1.0], [1.0, 1.0]])), geo)
+
+
+def test_validate_ensemble_refuses_bad_weights() -> None:
+    assert validate_ensemble({"kind": "geometric", "weights": [[1], [0.5, 1]]}, 2)["weights"] == [[1.0], [0.5, 1.0]]
+    for bad in ({"kind": "arithmetic", "weights": [[1.0]]}, {"kind": "geometric", "weights": [[1.0, 2.0]]},
+                {"kind": "geometric", "weights": [[1.0], [0.0, 0.0]]}, {"kind": "geometric", "weights": [[-1.0]]},
+                {"kind": "geometric", "weights": [[float("nan")]]}, {"kind": "geometric", "weights": []}, [1.0]):
+        with pytest.raises(EnsembleError):
+            validate_ensemble(bad)
+    with pytest.raises(EnsembleError, match="2 weight rows"):
+        validate_ensemble({"kind": "geometric", "weights": [[1.0], [1.0, 1.0]]}, 4)
+
+
+def test_fitted_weights_lower_val_nll_and_keep_only_supported_rows() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 400)
+    # Two noisy exits with independent noise: their geometric mean is better than either.
+    logits = np.stack([np.eye(5)[y] * 1.5 + rng.normal(size=(400, 5)) for _ in range(3)])
+    spec, report = fit_geometric_ensemble(logits, y)
+    assert spec["kind"] == "geometric" and [len(r) for r in spec["weights"]] == [1, 2, 3]
+    validate_ensemble(spec, 3)
+    for k, kept in enumerate(report["kept"]):
+        assert report["val_accuracy"][k] >= report["val_plain_accuracy"][k]
+        if not kept:
+            assert spec["weights"][k] == identity_weights(3)[k]
+    assert report["kept"][2]  # three independent views: the ensemble wins at the last exit
+    nll = lambda lp: -lp[np.arange(y.size), y].mean()  # noqa: E731
+    ens = ensemble_log_probs(logits, spec)
+    assert nll(ens[2]) < nll(log_softmax(logits[2]))
+
+
+def test_ensemble_weights_round_trip_through_a_checkpoint(tmp_path) -> None:
+    net = _net("avg4x4")
+    spec = {"kind": "geometric", "weights": [[1.0], [0.3, 1.2], [0.0, 0.5, 1.0], [0.1, 0.2, 0.3, 0.9]]}
+    path = save_checkpoint(tmp_path / "e.pt", net, class_names=CLASSES, preprocessing=GRAY, ensemble=spec)
+    loaded = load_checkpoint(path)
+    assert loaded.ensemble == spec
+    raw = torch.load(path, weights_only=True)
+    assert raw["ensemble"] == spec
+    # Older checkpoints (no entry) load with ensemble None; the key is not written without an ensemble.
+    plain = save_checkpoint(tmp_path / "p.pt", net, class_names=CLASSES, preprocessing=GRAY)
+    assert "ensemble" not in torch.load(plain, weights_only=True)
+    assert load_checkpoint(plain).ensemble is None
+    with pytest.raises(ValueError, match="weight row"):
+        save_checkpoint(tmp_path / "bad.pt", net, class_names=CLASSES, preprocessing=GRAY,
+                        ensemble={"kind": "geometric", "weights": [[1.0], [1.0]] + [[1.0] * 3, [1.0] * 4]})
+    # A tampered ensemble entry is refused on load.
+    raw["ensemble"] = {"kind": "geometric", "weights": [[1.0]]}
+    torch.save(raw, tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match="weight rows"):
+        load_checkpoint(tmp_path / "t.pt")

@@ -1,0 +1,119 @@
+"""Regularised linear probes as EP heads: the LP-FT start and the post-hoc head refit.
+
+A probe (``training.baselines``) is fitted on the pooled features a head
+reads (``training.features``), with C chosen per exit on the validation
+split, and written into the head so that the network's logits equal the
+probe's scores exactly (in eval mode).
+
+Unlike ``baselines.install_probe`` (batch norm set to the identity), the
+head's batch norm here carries the training features' own statistics, and
+the probe's standardisation is folded into the Linear layer around it:
+
+    head(x) = W' ((x - mu) / sqrt(var + eps)) + b'   with   W' = W sigma / s,  b' = b + W (mu - m) / s
+
+(``m``, ``s``: the probe's standardisation; ``mu``, ``var``: the batch norm's
+statistics, per feature for BN1d, per channel for the fc head's BN2d). So the
+head keeps the same output when it goes on training: in training mode its
+batch norm normalises with batch statistics close to ``mu``/``var``, which
+is what an LP-FT start (Kumar et al., ICLR 2022) needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .baselines import DEFAULT_CS, BaselineError, ExitProbes, LinearProbe, fit_exit_probes
+from .features import collect_outputs
+
+__all__ = ["head_statistics", "set_head_from_probe", "fit_head_probes", "linear_probe_start", "refit_heads"]
+
+
+def head_statistics(net: Any, k: int, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (biased) variance of ``features`` (N, D) in the shape of exit k's batch norm."""
+    norm = net.heads[k].norm
+    x = np.asarray(features, dtype=np.float64)
+    if isinstance(norm, nn.BatchNorm2d):
+        channels = norm.num_features
+        if x.shape[1] % channels:
+            raise BaselineError(f"{x.shape[1]} features do not split into {channels} channels")
+        per = x.reshape(x.shape[0], channels, -1)
+        return per.mean(axis=(0, 2)), per.var(axis=(0, 2))
+    return x.mean(axis=0), x.var(axis=0)
+
+
+def set_head_from_probe(net: Any, k: int, probe: LinearProbe, features: np.ndarray) -> None:
+    """Write ``probe`` into exit k's head; its batch norm gets the statistics of ``features`` (the probe's training features)."""
+    head = net.heads[k]
+    if not (hasattr(head, "norm") and hasattr(head, "fc")):
+        raise BaselineError(f"exit {k + 1} is not an EP head with batch norm and a Linear layer; cannot install")
+    fc, norm = head.fc, head.norm
+    if probe.weight.shape != tuple(fc.weight.shape):
+        raise BaselineError(f"probe of shape {probe.weight.shape} does not fit exit {k + 1}'s head {tuple(fc.weight.shape)}")
+    mu, var = head_statistics(net, k, features)
+    sigma = np.sqrt(var + norm.eps)
+    d = probe.weight.shape[1]
+    repeat = d // mu.size  # BN2d: every channel covers H*W flattened features (channel-major)
+    mu_f, sigma_f = np.repeat(mu, repeat), np.repeat(sigma, repeat)
+    w = probe.weight.astype(np.float64)
+    s = probe.scale.astype(np.float64)
+    m = probe.mean.astype(np.float64)
+    w_new = w * (sigma_f / s)[None, :]
+    b_new = probe.bias.astype(np.float64) + w @ ((mu_f - m) / s)
+    with torch.no_grad():
+        fc.weight.copy_(torch.from_numpy(w_new).to(fc.weight))
+        fc.bias.copy_(torch.from_numpy(b_new).to(fc.bias))
+        norm.running_mean.copy_(torch.from_numpy(mu).to(norm.running_mean))
+        norm.running_var.copy_(torch.from_numpy(var).to(norm.running_var))
+        norm.weight.fill_(1.0)
+        norm.bias.zero_()
+        if norm.num_batches_tracked is not None:
+            norm.num_batches_tracked.zero_()
+
+
+def _loader(dataset: Any, batch_size: int) -> Any:
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+def fit_head_probes(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
+                    device: str | torch.device = "cpu", batch_size: int = 256) -> tuple[ExitProbes, dict[str, Any]]:
+    """Probes per exit on ``net``'s pooled features (C per exit on val); also the heads' own val logits."""
+    tr = collect_outputs(net, _loader(train_set, batch_size), device=device, features=True)
+    va = collect_outputs(net, _loader(val_set, batch_size), device=device, features=True)
+    probes = fit_exit_probes(tr.features, tr.labels, va.features, va.labels, Cs, num_classes=net.config.num_classes)
+    return probes, {"train": tr, "val": va}
+
+
+def linear_probe_start(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
+                       device: str | torch.device = "cpu", batch_size: int = 256) -> dict[str, Any]:
+    """LP-FT start: every EP head becomes the val-tuned probe on the (frozen) network's features."""
+    probes, outs = fit_head_probes(net, train_set, val_set, Cs=Cs, device=device, batch_size=batch_size)
+    for k, probe in enumerate(probes.probes):
+        set_head_from_probe(net, k, probe, outs["train"].features[k])
+    return {"chosen_C": probes.chosen_C, "val_accuracy": probes.val_accuracy}
+
+
+def refit_heads(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
+                device: str | torch.device = "cpu", batch_size: int = 256) -> dict[str, Any]:
+    """Post-hoc refit: exit k's head becomes the val-tuned probe on the final features where that is better on val.
+
+    Better means a strictly higher validation accuracy than the trained head;
+    otherwise the trained head stays.
+    """
+    probes, outs = fit_head_probes(net, train_set, val_set, Cs=Cs, device=device, batch_size=batch_size)
+    va = outs["val"]
+    head_acc = (va.logits.argmax(axis=2) == va.labels[None, :]).mean(axis=1)
+    refit = []
+    for k, probe in enumerate(probes.probes):
+        better = probes.val_accuracy[k] > head_acc[k]
+        if better:
+            set_head_from_probe(net, k, probe, outs["train"].features[k])
+        refit.append(bool(better))
+    return {"refit": refit, "chosen_C": probes.chosen_C, "val_probe_accuracy": probes.val_accuracy,
+            "val_head_accuracy": head_acc.tolist()}
