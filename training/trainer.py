@@ -32,7 +32,6 @@ import math
 import os
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from impatient_ros.runtime.checkpoint import load_checkpoint, save_checkpoint
 from impatient_ros.runtime.model import ImpatientNet, NetConfig, build_network
+from impatient_ros.core.atomic import atomic_write
 from impatient_ros.core.budget import expected_accuracy
 from .config import ConfigError, TrainConfig, describe, save_yaml
 from .data import DataBundle, load_data
@@ -450,16 +450,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _load_resume(path: Path, cfg: TrainConfig) -> dict[str, Any]:

@@ -267,14 +267,11 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    # Write next to the target, then rename: a reader never sees half a file.
+    # A reader never sees half a file; the one atomic-replace of the package (fsync included).
+    from impatient_ros.core.atomic import atomic_write_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_path(path, write)
 
 
 def write_summary(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
