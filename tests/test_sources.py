@@ -53,31 +53,19 @@ def write_image(path: Path, image: np.ndarray) -> Path:
 # --------------------------------------------------------------------------- IDX
 
 
-@pytest.mark.parametrize("name", ["x.idx", "x.idx.gz"])
-@pytest.mark.parametrize(
-    ("dtype", "code"), [(np.uint8, 0x08), (np.int16, 0x0B), (np.int32, 0x0C), (np.float32, 0x0D)]
-)
-def test_read_idx_round_trip(tmp_path: Path, name: str, dtype: type, code: int) -> None:
-    array = (np.arange(24).reshape(2, 3, 4) * 3 - 7).astype(dtype)
-    if dtype is np.uint8:
-        array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
-    back = read_idx(write_idx(tmp_path / name, array, code))
-    assert back.dtype == np.dtype(dtype) and back.dtype.isnative
+# The format itself is tested once, in tests/test_idx.py (impatient_ros.core.idx); here only that
+# the camera's read_idx is that reader and reports SourceError.
+
+
+def test_read_idx_is_the_core_reader_with_source_errors(tmp_path: Path) -> None:
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    back = read_idx(write_idx(tmp_path / "x.idx.gz", array))
+    assert back.dtype == np.uint8 and back.dtype.isnative
     np.testing.assert_array_equal(back, array)
-
-
-def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:
     (tmp_path / "magic").write_bytes(b"\x08\x03\x00\x01" + bytes(8))
-    with pytest.raises(SourceError, match="not an IDX file"):
+    with pytest.raises(SourceError, match="cannot read IDX file: .* not an IDX file"):
         read_idx(tmp_path / "magic")
-    good = write_idx(tmp_path / "short", np.zeros((2, 2, 2), np.uint8))
-    good.write_bytes(good.read_bytes()[:-1])
-    with pytest.raises(SourceError, match="declares shape"):
-        read_idx(good)
-    (tmp_path / "bad.gz").write_bytes(b"not gzip")
-    with pytest.raises(SourceError, match="cannot read"):
-        read_idx(tmp_path / "bad.gz")
-    with pytest.raises(SourceError, match="cannot read"):
+    with pytest.raises(SourceError, match="cannot read IDX file: IDX file not found"):
         read_idx(tmp_path / "missing")
 
 

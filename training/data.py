@@ -33,7 +33,6 @@ Augmentation presets (training split only; validation and test never augment):
 from __future__ import annotations
 
 import functools
-import gzip
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -45,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from impatient_ros.core import idx as _idx
 
 __all__ = [
     "AUGMENTATIONS",
@@ -88,11 +89,6 @@ FASHION_MNIST_SIZE = (28, 28)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-# IDX type byte -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/ "THE IDX FILE FORMAT").
-_IDX_TYPES: dict[int, str] = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_IDX_CODES: dict[np.dtype, int] = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_TYPES.items()}
-
-
 class DataError(ValueError):
     """Unreadable or inconsistent data, or an impossible split; the message says how to fix it."""
 
@@ -105,66 +101,23 @@ def default_fashion_mnist_dir() -> Path:
 # --------------------------------------------------------------------------- IDX files
 
 
-def _read_bytes(path: Path) -> bytes:
-    """File contents, gunzipped when the file starts with the gzip magic (the name is not trusted)."""
-    if not path.is_file():
-        raise DataError(f"IDX file not found: {path}")
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path}: corrupt or truncated gzip data ({exc}); download or copy the file again") from None
-
-
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file (gzipped or raw) into a native-endian numpy array.
+    """Read an IDX file (gzipped or raw) into a native-endian array: :func:`impatient_ros.core.idx.read_idx`.
 
-    Checks the magic number (two zero bytes, a known type code, 1..4
-    dimensions) and that the payload size matches the header exactly.
+    Raises :class:`DataError` (with the reader's message) for a missing or malformed file.
     """
-    path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DataError(f"{path}: {len(data)} bytes is too short for an IDX header")
-    zero, code, ndim = data[:2], data[2], data[3]
-    if zero != b"\x00\x00" or code not in _IDX_TYPES or not 1 <= ndim <= 4:
-        raise DataError(
-            f"{path}: bad IDX magic number {data[:4].hex()} (expected 0000 + type code "
-            f"{'/'.join(f'{c:02x}' for c in _IDX_TYPES)} + 1..4 dimensions); is this an IDX file?"
-        )
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, need {header})")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_TYPES[code])
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(data) != expected:
-        raise DataError(
-            f"{path}: header says shape {dims} of {dtype.name} ({expected} bytes with header) but the "
-            f"file holds {len(data)} bytes; the file is {'truncated' if len(data) < expected else 'padded'}"
-        )
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
-    return array.astype(dtype.newbyteorder("="), copy=True)  # writable, native byte order
+    try:
+        return _idx.read_idx(path)
+    except _idx.IdxError as exc:
+        raise DataError(str(exc)) from None
 
 
 def write_idx(path: str | os.PathLike[str], array: np.ndarray, compress: bool | None = None) -> Path:
-    """Write ``array`` as an IDX file (gzipped if ``compress`` or the name ends in ``.gz``)."""
-    path = Path(path)
-    array = np.asarray(array)
-    key = array.dtype.newbyteorder("=")
-    if key not in _IDX_CODES:
-        raise DataError(f"IDX cannot store dtype {array.dtype}; use one of uint8, int8, int16, int32, float32, float64")
-    if not 1 <= array.ndim <= 4:
-        raise DataError(f"IDX stores 1..4 dimensions, got {array.ndim}")
-    code = _IDX_CODES[key]
-    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    payload = header + np.ascontiguousarray(array, dtype=np.dtype(_IDX_TYPES[code])).tobytes()
-    if compress if compress is not None else path.suffix == ".gz":
-        payload = gzip.compress(payload, mtime=0)
-    path.write_bytes(payload)
-    return path
+    """Write ``array`` as an IDX file: :func:`impatient_ros.core.idx.write_idx` (DataError for what IDX cannot hold)."""
+    try:
+        return _idx.write_idx(path, array, compress)
+    except _idx.IdxError as exc:
+        raise DataError(str(exc)) from None
 
 
 def load_fashion_mnist(

@@ -19,13 +19,12 @@ Spec strings (the camera's ``source`` parameter), parsed by :func:`open_source`:
 * ``video:PATH`` - any file OpenCV's VideoCapture opens; frames are unlabelled.
 * a bare path - a folder or a video file, decided by what the path is.
 
-The IDX reader lives here rather than in ``training.data`` because the runtime
-package must not import the training package (see docs/ARCHITECTURE.md).
+IDX files are read by :mod:`impatient_ros.core.idx`, the reader the training
+data uses too (the runtime package must not import the training package).
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Iterator, Protocol
 
 import cv2
 import numpy as np
+
+from impatient_ros.core import idx as _idx
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
@@ -67,8 +68,6 @@ _SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-# IDX type codes (third magic byte) -> big-endian numpy dtypes.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 class SourceError(ValueError):
@@ -101,26 +100,14 @@ class ImageSource(Protocol):
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file (gzipped when the name ends in .gz) into a native-order array."""
-    path = Path(path)
+    """Read an IDX file (gzipped or raw) into a native-order array: :func:`impatient_ros.core.idx.read_idx`.
+
+    Raises :class:`SourceError` ("cannot read IDX file: " + the reader's message).
+    """
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise SourceError(f"cannot read IDX file {path}: {exc}") from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise SourceError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise SourceError(f"{path}: IDX header ends early (truncated file?)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise SourceError(
-            f"{path}: header declares shape {shape} ({expected} bytes) but {len(raw) - header} bytes follow"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+        return _idx.read_idx(path)
+    except _idx.IdxError as exc:
+        raise SourceError(f"cannot read IDX file: {exc}") from None
 
 
 def _find_idx(directory: Path, stem: str) -> Path:
