@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from impatient_ros.core import idx as _idx
+from impatient_ros.core.datasets import FASHION_MNIST_CLASSES
 
 __all__ = [
     "AUGMENTATIONS",
@@ -75,10 +76,6 @@ DATASETS: tuple[str, ...] = ("fashion-mnist", "imagefolder")
 AUGMENTATIONS: tuple[str, ...] = ("none", "light", "standard")
 CHANNELS: dict[str, int] = {"gray": 1, "rgb": 3}
 
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 FASHION_MNIST_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),

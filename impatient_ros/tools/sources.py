@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from impatient_ros.core import idx as _idx
+from impatient_ros.core.datasets import FASHION_MNIST_CLASSES
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
@@ -54,10 +55,6 @@ __all__ = [
 ]
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 # Encodings the camera publishes; the node accepts more, but these three cover
 # grey and colour in both channel orders a consumer may expect.
 ENCODINGS: tuple[str, ...] = ("mono8", "rgb8", "bgr8")
