@@ -31,3 +31,27 @@ requires_fashion_mnist = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists() and not IN_CI,
     reason=f"Fashion-MNIST not found in {FASHION_MNIST_DIR} (Debian package dataset-fashion-mnist)",
 )
+
+
+# Markers say what a test needs, so the pure tests can run alone in seconds:
+#   scripts/test.sh -m "not ros and not build and not train and not slow"
+# A test file's tier is stated here, in one table, rather than in every file;
+# single slow tests elsewhere carry @pytest.mark.slow themselves.
+MARKERS_BY_MODULE = {
+    "test_node": "ros",                 # real node processes over real DDS
+    "test_tools": "ros",
+    "test_reliability": "ros",
+    "test_messages_transport": "ros",
+    "test_build": "build",              # pip and colcon builds into fresh prefixes
+    "test_training": "train",           # trains networks
+    "test_distributed": "train",
+    "test_evaluate": "train",
+    "test_baselines": "train",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = MARKERS_BY_MODULE.get(Path(str(item.fspath)).stem)
+        if marker is not None:
+            item.add_marker(marker)

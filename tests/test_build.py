@@ -70,8 +70,25 @@ def test_pip_install_builds_messages_and_console_scripts(tmp_path: Path) -> None
     assert str(env_dir) in out, out  # the message module came from the new venv
     for script in CONSOLE_SCRIPTS:
         assert (env_dir / "bin" / script).exists(), f"console script {script} not installed"
+    # The offline package lives inside ours: a top-level "training" would collide on a robot.
+    site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env=env).stdout.strip())
+    assert not (site / "training").exists(), "a top-level 'training' package was installed"
+    assert (site / "impatient_ros" / "training" / "cli.py").is_file()
     metadata = _run([py, "-m", "pip", "show", "impatient_ros"], env=env).stdout
     assert "torch" in metadata and "opencv-python-headless" in metadata and "ros-rclpy" in metadata
+
+
+def test_installed_training_is_namespaced_and_runs(tmp_path: Path) -> None:
+    """In the project's venv (outside the source tree) training is impatient_ros.training, never 'training'."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = _run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('training'))"],
+                 env=env, cwd=tmp_path).stdout
+    assert probe.strip() == "None", f"a top-level 'training' module is importable: {probe}"
+    for cmd in ([sys.executable, "-m", "impatient_ros.training", "--help"],
+                [str(Path(sys.executable).parent / "impatient-train"), "--help"],
+                [str(Path(sys.executable).parent / "impatient-eval"), "--help"]):
+        out = _run(cmd, env=env, cwd=tmp_path).stdout
+        assert "usage:" in out, out
 
 
 def test_colcon_build_of_a_workspace(tmp_path: Path) -> None:

@@ -127,3 +127,34 @@ def test_eval_cli_val_split_and_errors(tiny_setup, capsys):
     assert main([str(root / "missing.pt"), "--data", "fashion-mnist", "--out", str(out)]) == 2
     assert main([str(ckpt), "--data", f"fashion-mnist:{data}", "--out", str(out), "--figure-class", "Hat"]) == 2
     assert "Hat" in capsys.readouterr().err
+
+
+def test_eval_reports_the_checkpoint_exit_ensemble(tiny_setup, capsys):
+    from impatient_ros.core.ensemble import ensemble_log_probs
+    from impatient_ros.runtime.checkpoint import load_checkpoint
+
+    root, data, ckpt = tiny_setup
+    plain_out = root / "plain_for_ensemble"
+    assert main([str(ckpt), "--data", f"fashion-mnist:{data}", "--out", str(plain_out), "--timing-iterations", "2",
+                 "--no-plots"]) == 0, capsys.readouterr().err
+    assert "ensemble" not in json.loads((plain_out / "report.json").read_text())
+    loaded = load_checkpoint(ckpt)
+    spec = {"kind": "geometric", "weights": [[1.0], [1.0, 1.0], [0.5, 0.5, 1.0], [0.2, 0.2, 0.2, 1.0]]}
+    ens_ckpt = save_checkpoint(root / "tiny_ens.pt", loaded.net, class_names=loaded.class_names,
+                               preprocessing=loaded.preprocessing, budget=loaded.budget,
+                               train_config=loaded.train_config, ensemble=spec)
+    out = root / "ens_report"
+    assert main([str(ens_ckpt), "--data", f"fashion-mnist:{data}", "--out", str(out), "--logits",
+                 str(plain_out / "logits.npz"), "--calibration", str(plain_out / "calibration.json"),
+                 "--no-plots"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    logits, labels, _ = load_logits(plain_out / "logits.npz")
+    ens = report["ensemble"]
+    assert ens["weights"] == spec["weights"]
+    assert ens["exit_accuracy"] == pytest.approx(exit_accuracy(ensemble_log_probs(logits, spec), labels).tolist())
+    assert ens["exit_accuracy"][0] == pytest.approx(report["exit_accuracy"][0])  # row 1 is exit 1 alone
+    eq = next(r for r in ens["schemes"] if r["scheme"] == "EQ")
+    assert eq["expected_accuracy"] == pytest.approx(np.mean(ens["exit_accuracy"]))
+    assert ens["trained_budget_expected_accuracy"] == pytest.approx(np.mean(ens["exit_accuracy"]))
+    assert report["exit_accuracy"] == pytest.approx(exit_accuracy(logits, labels).tolist())  # plain kept as well
+    assert "Exit ensemble" in (out / "report.md").read_text()

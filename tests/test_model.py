@@ -104,6 +104,7 @@ def check_network(net: ImpatientNet, x: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- the full matrix
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", list_heads())
 @pytest.mark.parametrize("backbone", list_backbones())
 def test_backbone_with_head(backbone: str, head: str) -> None:
@@ -114,6 +115,7 @@ def test_backbone_with_head(backbone: str, head: str) -> None:
     check_network(net, batch_for(config))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "backbone", [b for b in list_backbones() if b not in ("vgg16_bn", "vgg19_bn")]  # same code path as vgg11_bn
 )
@@ -134,6 +136,7 @@ def test_every_backbone_is_expected() -> None:
     assert set(list_backbones()) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", [b for b in list_backbones() if b != "alexnet"])
 def test_each_stage_lowers_resolution(backbone: str) -> None:
     # Exits sit at resolution changes (VGG: after each max-pool; ResNet/MobileNet/Lite0: per resolution).
@@ -142,6 +145,7 @@ def test_each_stage_lowers_resolution(backbone: str) -> None:
     assert all(a > b for a, b in zip(heights, heights[1:])), shapes
 
 
+@pytest.mark.slow
 def test_vgg_and_alexnet_exit_positions() -> None:
     vgg = build_network(small_config("vgg19_bn"))
     for block in vgg.blocks:
@@ -155,6 +159,7 @@ def test_vgg_and_alexnet_exit_positions() -> None:
 GRAY_CASES = ["alexnet", "mobilenet_v3_large", "mobilenet_v3_small", "resnet18", "resnet50", "vgg11_bn"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", GRAY_CASES + (["efficientnet_lite0"] if HAS_EFFICIENTNET else []))
 def test_gray_input_for_rgb_backbones(backbone: str) -> None:
     config = small_config(backbone, in_channels=1)

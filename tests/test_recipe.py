@@ -188,3 +188,82 @@ def test_ensemble_weights_round_trip_through_a_checkpoint(tmp_path) -> None:
     torch.save(raw, tmp_path / "t.pt")
     with pytest.raises(CheckpointError, match="weight rows"):
         load_checkpoint(tmp_path / "t.pt")
+
+
+# --------------------------------------------------------------------------- the recipes in the trainer
+
+
+def _train_cfg(out, *argv):
+    from training.cli import build_parser
+    from training.config import config_from_args
+
+    return config_from_args(build_parser().parse_args(["--out", str(out), *argv]))
+
+
+@pytest.mark.parametrize("recipe", ["impatient", "paper"])
+def test_recipe_is_recorded_and_only_impatient_finalizes(tmp_path, recipe: str) -> None:
+    from tests.conftest import FASHION_MNIST_DIR
+
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("needs Fashion-MNIST")
+    import json
+
+    from training.trainer import train
+
+    cfg = _train_cfg(tmp_path, "--backbone", "smallcnn_tiny", "--data-dir", str(FASHION_MNIST_DIR),
+                     "--train-per-class", "20", "--val-split", "10", "--test-per-class", "2", "--epochs", "1",
+                     "--batch-size", "50", "--lr", "0.05", "--recipe", recipe, "--device", "cpu")
+    result = train(cfg, progress=False)
+    best = load_checkpoint(result.best)
+    assert best.train_config["recipe"] == recipe
+    events = [json.loads(x).get("event") for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    if recipe == "paper":
+        assert "finalize" not in events and best.ensemble is None and "recipe" not in best.meta["extra"]
+        return
+    assert events[-2:] == ["finalize", "test"]
+    info = best.meta["extra"]["recipe"]
+    assert len(info["refit"]) == len(info["ensemble_kept"]) == 4
+    assert (best.ensemble is not None) == any(info["ensemble_kept"])
+    # exit_accuracy is the val accuracy of the rewritten (plain) heads.
+    from training.data import load_data
+
+    d = cfg.data
+    bundle = load_data(d.dataset, d.data_dir, val_split=d.val_split, train_per_class=d.train_per_class,
+                       mean=best.preprocessing["mean"], std=best.preprocessing["std"], seed=cfg.seed)
+    out = collect_outputs(best.net, DataLoader(bundle.val, batch_size=100))
+    acc = (out.logits.argmax(2) == out.labels[None]).mean(1)
+    np.testing.assert_allclose(acc, best.exit_accuracy)
+
+
+def test_lp_ft_start_of_a_pretrained_network_is_orig(tmp_path) -> None:
+    from tests.conftest import FASHION_MNIST_DIR
+
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("needs Fashion-MNIST")
+    from impatient_ros.runtime.backbones import BackboneUnavailableError  # noqa: F401
+    from impatient_ros.runtime.model import list_backbones
+
+    if "efficientnet_lite0" not in list_backbones():
+        pytest.skip("needs efficientnet_lite0")
+    import json
+    from dataclasses import replace
+
+    from training.trainer import _load_bundle, train
+
+    cfg = _train_cfg(tmp_path, "--backbone", "efficientnet_lite0", "--pretrained", "--data-dir",
+                     str(FASHION_MNIST_DIR), "--input-size", "32", "--channels", "gray", "--train-per-class", "6",
+                     "--val-split", "3", "--test-per-class", "1", "--epochs", "1", "--max-steps-per-epoch", "1",
+                     "--batch-size", "20", "--lr", "0.001", "--augmentation", "none", "--device", "cpu")
+    train(cfg, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["epoch"] == 0 and lines[1]["epoch"] == 1
+    # ORIG: the pretrained network as it is, probes on its pooled features (C per exit on val).
+    torch.manual_seed(0)
+    orig = build_network(replace(load_checkpoint(tmp_path / "last.pt").config, pretrained=True)).eval()
+    bundle = _load_bundle(cfg)
+    tr, va = _outs(orig, bundle.train), _outs(orig, bundle.val)
+    from training.baselines import DEFAULT_CS
+
+    probes = fit_exit_probes(tr.features, tr.labels, va.features, va.labels, DEFAULT_CS, num_classes=10)
+    assert lines[0]["lp_start"]["chosen_C"] == probes.chosen_C
+    assert lines[0]["val_exit_accuracy"] == pytest.approx(probes.val_accuracy)

@@ -41,6 +41,7 @@ from impatient_ros.core.budget import (
     scheme_weights,
 )
 from .data import AUGMENTATIONS, CHANNELS, DATASETS, DataError, parse_val_split
+from .recipe import RECIPES
 
 __all__ = [
     "OPTIMIZERS",
@@ -195,6 +196,10 @@ class TrainConfig:
     distill_weight: float = 0.5
     distill_temperature: float = 3.0
     measure_cost: bool = False
+    # "impatient": LP-FT start for pretrained backbones, joint fine-tuning, post-hoc head refit and exit
+    # ensembles, each kept only where validation supports it; "paper": Amthor et al. as published
+    # (training.recipe).
+    recipe: str = "impatient"
 
     # ------------------------------------------------------------------ dict round trip
     def to_dict(self) -> dict[str, Any]:
@@ -293,6 +298,7 @@ class TrainConfig:
                 raise ConfigError(f"budget.calibration file not found: {b.calibration}")
 
         _choice(self.amp, AMP_MODES, "AMP mode")
+        _choice(self.recipe, RECIPES, "recipe")
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
                                                            and self.device[5:].isdigit())):
             raise ConfigError(f"unknown device {self.device!r}; valid devices: auto, cpu, cuda, cuda:N")
@@ -529,6 +535,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         type=float, metavar="T")
     opt(g, "--measure-cost", None, "measure_cost", "measure per-exit latency here and store it as exit_cost",
         action=argparse.BooleanOptionalAction)
+    opt(g, "--recipe", None, "recipe", "impatient (LP-FT start when pretrained, joint fine-tuning, head refit, "
+        "exit ensemble; every lever chosen on val) or paper (the published recipe)", metavar="NAME")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -342,10 +342,13 @@ def evaluate_logits(
     gamma: float = 2.0,
     beta: float = 0.34,
     num_thresholds: int = 200,
+    ensemble: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every number of the report from cached logits (K, N, C), labels and the stage costs.
 
     ``val`` (logits, labels) of the validation split is needed for ``targets_ms``.
+    ``ensemble`` (a checkpoint's exit-ensemble weights) adds ``result["ensemble"]``: every exit's
+    accuracy and the expected accuracy per scheme with exit k answering as the ensemble of exits 1..k.
     Returns a dict; arrays and curves are kept as objects here (``training.report``
     turns them into JSON and plots).
     """
@@ -368,11 +371,32 @@ def evaluate_logits(
         result["trained_budget"] = {"weights": w.tolist(), "expected_accuracy": float(np.dot(w / w.sum(), acc)),
                                     "t_B_ms": expected_time(w, costs.apriori_ms),
                                     "t_A_ms": expected_time(w, costs.anytime_ms)}
+    if ensemble is not None:
+        result["ensemble"] = ensemble_section(logits, labels, costs, ensemble, trained_weights, gamma, beta)
     if targets_ms:
         if val is None:
             raise EvalError("--target-cost needs the validation split's logits to fit thresholds on")
         result["fitted"] = fit_targets(val[0], val[1], logits, labels, costs, targets_ms, CRITERIA, num_thresholds)
     return result
+
+
+def ensemble_section(logits: np.ndarray, labels: np.ndarray, costs: ExitCosts, ensemble: dict[str, Any],
+                     trained_weights: Sequence[float] | None = None, gamma: float = 2.0,
+                     beta: float = 0.34) -> dict[str, Any]:
+    """Per-exit accuracy and expected accuracy per scheme of the exit ensemble (impatient_ros.core.ensemble)."""
+    from impatient_ros.core.ensemble import EnsembleError, ensemble_log_probs
+
+    try:
+        combined = ensemble_log_probs(logits, ensemble)
+    except EnsembleError as exc:
+        raise EvalError(f"the checkpoint's ensemble: {exc}") from None
+    acc = exit_accuracy(combined, labels)
+    section: dict[str, Any] = {"kind": ensemble["kind"], "weights": ensemble["weights"], "exit_accuracy": acc.tolist(),
+                               "schemes": scheme_rows(acc, costs, SCHEMES, gamma, beta)}
+    if trained_weights is not None:
+        w = np.asarray(trained_weights, dtype=np.float64)
+        section["trained_budget_expected_accuracy"] = float(np.dot(w / w.sum(), acc))
+    return section
 
 
 # --------------------------------------------------------------------------- CLI
@@ -479,7 +503,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trained = (loaded.budget or {}).get("weights")
     result = evaluate_logits(logits, labels, costs, budgets=args.budget, val=val, targets_ms=args.target_cost,
                              trained_weights=trained, examples_per_exit=args.examples_per_exit,
-                             example_class=example_class, gamma=args.gamma, beta=args.beta)
+                             example_class=example_class, gamma=args.gamma, beta=args.beta,
+                             ensemble=loaded.ensemble)
     result["meta"] = {
         "checkpoint": str(args.checkpoint),
         "backbone": loaded.config.backbone,

@@ -259,6 +259,20 @@ def render_markdown(result: Mapping[str, Any], files: Mapping[str, str] | None =
         rows.append(["*trained weights*", " ".join(f"{w:.3f}" for w in tb["weights"]), pct(tb["expected_accuracy"]),
                      _ms(tb["t_B_ms"]), _ms(tb["t_A_ms"])])
     out.append(markdown_table(["scheme", "weights", "E[acc] %", "t_B ms", "t_A ms"], rows))
+    ens = result.get("ensemble")
+    if ens:
+        out += ["", "## Exit ensemble (weights from the checkpoint, fitted on validation)", "",
+                "Exit k answers with the weighted geometric mean of the probabilities of exits 1..k "
+                "(impatient_ros.core.ensemble); costs as above (the combination itself is negligible).", ""]
+        plain = {r["scheme"]: r["expected_accuracy"] for r in result["schemes"]}
+        out.append(markdown_table(
+            ["exit", "weights (exits 1..k)", "accuracy %", "plain accuracy %"],
+            [[k + 1, " ".join(f"{w:.3f}" for w in ens["weights"][k]), pct(ens["exit_accuracy"][k]), pct(acc[k])]
+             for k in range(len(ens["exit_accuracy"]))]))
+        erows = [[r["scheme"], pct(r["expected_accuracy"]), pct(plain.get(r["scheme"]))] for r in ens["schemes"]]
+        if ens.get("trained_budget_expected_accuracy") is not None and tb:
+            erows.append(["*trained weights*", pct(ens["trained_budget_expected_accuracy"]), pct(tb["expected_accuracy"])])
+        out += ["", markdown_table(["scheme", "E[acc] % (ensemble)", "E[acc] % (plain)"], erows)]
 
     if result.get("budgets"):
         out += ["", "## Time-budget distributions (Eq. 5 with the measured ready times)", "",

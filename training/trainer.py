@@ -49,6 +49,7 @@ from impatient_ros.runtime.checkpoint import load_checkpoint, save_checkpoint
 from impatient_ros.runtime.model import ImpatientNet, NetConfig, build_network
 from impatient_ros.core.atomic import atomic_write
 from impatient_ros.core.budget import expected_accuracy
+from . import recipe
 from .config import ConfigError, TrainConfig, describe, save_yaml
 from .data import DataBundle, load_data
 from .distributed import (
@@ -242,11 +243,17 @@ def train_one_epoch(
     ctx: DistContext,
     max_steps: int | None = None,
     progress: bool | None = None,
+    frozen_norms: Sequence[nn.Module] = (),
 ) -> dict[str, Any]:
-    """One pass over ``loader``; returns the mean loss and every exit's running accuracy (all ranks)."""
+    """One pass over ``loader``; returns the mean loss and every exit's running accuracy (all ranks).
+
+    ``frozen_norms``: batch-norm layers kept in eval mode (running statistics fixed; see training.recipe).
+    """
     from tqdm import tqdm
 
     net.train()
+    for norm in frozen_norms:
+        norm.eval()
     autocast_on, autocast_dtype, _ = amp
     k_exits = len(loss_fn.weights)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -558,6 +565,7 @@ class _Run:
     val_loader: DataLoader | None
     test_loader: DataLoader | None
     exit_cost: dict[str, Any] | None = None
+    frozen_norms: list[nn.Module] = field(default_factory=list)  # training.recipe.frozen_norms
     best_metric: float | None = None
     best_epoch: int | None = None
 
@@ -674,7 +682,8 @@ def _run_epoch(run: _Run, epoch: int, progress: bool | None) -> tuple[dict[str, 
     run.sampler.set_epoch(epoch)
     stats = train_one_epoch(run.model, run.train_loader, run.loss_fn, run.optimizer, run.scheduler, run.scaler,
                             run.device, epoch=epoch + 1, epochs=cfg.optim.epochs, amp=run.amp, ctx=run.ctx,
-                            max_steps=cfg.optim.max_steps_per_epoch, progress=progress)
+                            max_steps=cfg.optim.max_steps_per_epoch, progress=progress,
+                            frozen_norms=run.frozen_norms)
     val = evaluate(run.model, run.val_loader, run.device, run.ctx, run.amp) if run.val_loader is not None else None
     record: dict[str, Any] = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
                               "train_loss": stats["loss"], "train_exit_accuracy": stats["exit_accuracy"],
@@ -708,18 +717,40 @@ def _final_test(run: _Run) -> dict[str, Any]:
     return test
 
 
+def _lp_start_epoch(run: _Run) -> None:
+    """Impatient recipe, pretrained backbone: EP heads = val-tuned probes, validated and saved as "epoch 0"."""
+    if run.ctx.is_main:
+        info = recipe.lp_start(run)
+    if run.ctx.enabled:  # every rank starts from rank 0's heads
+        for p in list(run.net.heads.parameters()) + list(run.net.heads.buffers()):
+            torch.distributed.broadcast(p.data, 0)
+    val = evaluate(run.model, run.val_loader, run.device, run.ctx, run.amp) if run.val_loader is not None else None
+    record: dict[str, Any] = {"epoch": 0, "lp_start": info if run.ctx.is_main else None}
+    if val is None:
+        return
+    metric = _expected(val["exit_accuracy"], run.budget["weights"])
+    run.best_metric, run.best_epoch = metric, 0
+    record.update(val_exit_accuracy=val["exit_accuracy"], val_exit_loss=val["exit_loss"],
+                  val_expected_accuracy=metric, best=True)
+    log.info("epoch 0 (LP-FT start)  val acc %s  E[acc] %.2f  *best*", _fmt_acc(val["exit_accuracy"]), 100 * metric)
+    _save_epoch(run, record, True)
+
+
 def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, stop_after: int | None,
            checksum_file: str | Path | None, progress: bool | None) -> TrainResult:
     if not ctx.is_main:
         log.setLevel(max(log.level, logging.WARNING))
     run = _setup(cfg, ctx)
     start_epoch = _restore(run) if resume else 0
+    run.frozen_norms = recipe.frozen_norms(run.net, cfg)
     result = TrainResult(out=run.out, epochs_done=start_epoch, best_metric=run.best_metric)
     if ctx.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run.out / "config.yaml")
     if start_epoch >= cfg.optim.epochs:
         log.info("nothing to do: %d of %d epochs already done", start_epoch, cfg.optim.epochs)
+    if not resume and recipe.uses_lp_start(cfg):
+        _lp_start_epoch(run)
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         record, is_best = _run_epoch(run, epoch, progress)
@@ -731,6 +762,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, *, resume: bool, stop_after: int 
             log.info("stopping after epoch %d as asked; continue with --resume", epoch + 1)
             break
 
+    if ctx.is_main and result.epochs_done >= cfg.optim.epochs and start_epoch < cfg.optim.epochs:
+        recipe.finalize(run)  # impatient recipe: refit + exit ensemble of best.pt, chosen on val
     if ctx.enabled:
         torch.distributed.barrier()  # rank 0 has written the files the other ranks may read next
     if ctx.is_main:
