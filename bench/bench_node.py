@@ -61,7 +61,8 @@ def serve(trace_path: Path, ros_args: list[str]) -> int:
     from rclpy.executors import ExternalShutdownException
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    from impatient_ros.ros.node import ImpatientNode, make_executor, spin
+    from impatient_ros.ros.executors import make_executor, spin
+    from impatient_ros.ros.node import ImpatientNode
 
     rclpy.init(args=["impatient_node", "--ros-args", *ros_args])
     node = ImpatientNode()
@@ -112,7 +113,7 @@ def relay(trace_path: Path, ros_args: list[str]) -> int:
 
     from impatient_ros.ros.image_convert import image_to_array
     from impatient_ros.msg import StagePrediction
-    from impatient_ros.ros.node import make_executor, spin
+    from impatient_ros.ros.executors import make_executor, spin
 
     rclpy.init(args=["relay", "--ros-args", *ros_args])
     node = rclpy.create_node("impatient_node")
@@ -159,7 +160,7 @@ def measure(size: tuple[int, int], args: argparse.Namespace, checkpoint: Path, w
 
     from impatient_ros.ros.image_convert import array_to_image_fields
     from impatient_ros.msg import StagePrediction
-    from impatient_ros.ros.node import make_executor
+    from impatient_ros.ros.executors import make_executor
 
     width, height = size
     trace_path = workdir / f"trace_{width}x{height}{serve_mode}.json"

@@ -9,14 +9,13 @@ and transport do not depend on training); decisions that depend on timing
 read the node's own calibrated stage costs from /diagnostics.
 
 The first tests need no process: parameter rules, the params file against the
-declared defaults, the mailbox.
+declared defaults (the mailbox and the log throttle: tests/test_node_helpers.py).
 """
 
 from __future__ import annotations
 
 import ast
 import math
-import threading
 import time
 from pathlib import Path
 
@@ -32,10 +31,9 @@ from impatient_ros.ros.diagnostics import OK, WARN, NodeStats, build_report
 from impatient_ros.ros.image_convert import array_to_compressed
 from impatient_ros.runtime.model import NetConfig, build_network
 from impatient_ros.msg import StagePrediction
-from impatient_ros.ros.node import (
+from impatient_ros.ros.node_params import (
     DEFAULT_MODEL_NAME,
     PARAMETERS,
-    LatestFrameMailbox,
     check_parameters,
     default_checkpoint_candidates,
 )
@@ -135,24 +133,6 @@ def test_launch_file_arguments_are_described_and_map_onto_parameters() -> None:
     dict_keys = {key.value for node in ast.walk(tree) if isinstance(node, ast.Dict)
                  for key in node.keys if isinstance(key, ast.Constant)}
     assert dict_keys <= set(DEFAULTS), dict_keys - set(DEFAULTS)
-
-
-def test_mailbox_keeps_only_the_newest() -> None:
-    box = LatestFrameMailbox()
-    assert box.take(timeout=0.01) is None
-    assert box.put("a") is False
-    assert box.put("b") is True  # "a" was dropped
-    assert box.take(timeout=0.01) == "b"
-    assert box.take(timeout=0.01) is None
-    got = []
-    taker = threading.Thread(target=lambda: got.append(box.take(timeout=5)))
-    taker.start()
-    time.sleep(0.05)
-    box.put("c")
-    taker.join(timeout=5)
-    assert got == ["c"]
-    box.put("d")
-    assert box.clear() == 1 and box.clear() == 0
 
 
 def test_default_checkpoint_is_looked_up_next_to_the_package() -> None:

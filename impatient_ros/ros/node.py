@@ -3,8 +3,12 @@
 A thin adapter: image decoding (:mod:`impatient_ros.ros.image_convert`), the budget
 policy (:mod:`impatient_ros.ros.budget_policy`), staged inference
 (:mod:`impatient_ros.runtime.engine`), message filling (:mod:`impatient_ros.ros.messages`)
-and statistics (:mod:`impatient_ros.ros.diagnostics`) are pure modules; this file
-wires them to topics, parameters and the lifecycle.
+and statistics (:mod:`impatient_ros.ros.diagnostics`) are pure modules, as are the
+parameter schema (:mod:`impatient_ros.ros.node_params`), the frame mailbox
+(:mod:`impatient_ros.ros.mailbox`) and the log throttle
+(:mod:`impatient_ros.ros.log_throttle`); executor selection is
+:mod:`impatient_ros.ros.executors`. This file wires them to topics, parameters
+and the lifecycle.
 
 Topics (relative names, so ``-r __ns:=`` and remaps apply)::
 
@@ -54,251 +58,46 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import rclpy
+import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import BatteryState, CompressedImage, Image
 
-from impatient_ros.ros.budget_policy import (
-    BudgetPolicy,
-    BudgetPolicyConfig,
-    combine_stage_caps,
-    reference_time,
-    validate_energy_table,
-)
-from impatient_ros.ros.diagnostics import ERROR, NodeStats, StatsSnapshot, build_report
-from impatient_ros.ros.image_convert import ImageConversionError, compressed_to_array, image_to_array
-from impatient_ros.ros.messages import build_stage_prediction, resolve_labels, stage_accuracy
 from impatient_ros.msg import Budget, StagePrediction
+from impatient_ros.ros.budget_policy import BudgetPolicy, BudgetPolicyConfig, combine_stage_caps, reference_time
+from impatient_ros.ros.diagnostics import ERROR, NodeStats, StatsSnapshot, build_report
+from impatient_ros.ros.executors import make_executor, spin
+from impatient_ros.ros.image_convert import ImageConversionError, compressed_to_array, image_to_array
+from impatient_ros.ros.log_throttle import LogThrottle
+from impatient_ros.ros.mailbox import LatestFrameMailbox
+from impatient_ros.ros.messages import build_stage_prediction, resolve_labels, stage_accuracy
+from impatient_ros.ros.node_params import PARAMETERS, check_parameters, default_checkpoint_candidates
+from impatient_ros.ros.params import declare
+from impatient_ros.ros.topics import compressed_topic
+from impatient_ros.runtime.checkpoint import CheckpointError, load_checkpoint
+from impatient_ros.runtime.engine import StagedEngine
+from impatient_ros.runtime.timing import TimingError
 
-__all__ = [
-    "DEFAULT_MODEL_NAME",
-    "NODE_NAME",
-    "PARAMETERS",
-    "ImpatientNode",
-    "LatestFrameMailbox",
-    "ParamSpec",
-    "check_parameters",
-    "default_checkpoint_candidates",
-    "main",
-]
+__all__ = ["NODE_NAME", "ImpatientNode", "main"]
 
 NODE_NAME = "impatient_node"
-DEFAULT_MODEL_NAME = "fashion_mnist_smallcnn.pt"
-MODES = ("anytime", "apriori", "cascade")
-TRANSPORTS = ("raw", "compressed")
-RELIABILITIES = ("best_effort", "reliable")
-REFERENCE_TIMES = ("stamp", "arrival")
-EXECUTORS = ("events", "single")
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _THROTTLE_S = 5.0
-
-
-# --------------------------------------------------------------------------- parameters
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One node parameter: name, default, description and the constraints its descriptor carries.
-
-    ``default`` None declares a typed parameter without a value (``labels``: unset
-    means "the checkpoint's class names"); ``choices`` are checked by
-    :func:`check_parameters` and listed in the description.
-    """
-
-    name: str
-    default: Any
-    description: str
-    read_only: bool = False
-    float_range: tuple[float, float] | None = None
-    int_range: tuple[int, int] | None = None
-    choices: tuple[str, ...] = ()
-    unset_type: Parameter.Type | None = None
-
-    def descriptor(self) -> ParameterDescriptor:
-        """The ParameterDescriptor declared for this parameter."""
-        text = self.description + (f" One of: {', '.join(self.choices)}." if self.choices else "")
-        desc = ParameterDescriptor(description=text, read_only=self.read_only)
-        if self.choices:
-            desc.additional_constraints = "one of: " + ", ".join(self.choices)
-        if self.float_range:
-            desc.floating_point_range = [FloatingPointRange(
-                from_value=float(self.float_range[0]), to_value=float(self.float_range[1]), step=0.0)]
-        if self.int_range:
-            desc.integer_range = [IntegerRange(from_value=self.int_range[0], to_value=self.int_range[1], step=1)]
-        return desc
-
-
-PARAMETERS: tuple[ParamSpec, ...] = (
-    ParamSpec("checkpoint", "", "Checkpoint file (.pt) to run. Empty: the embedded Fashion-MNIST model "
-              f"({DEFAULT_MODEL_NAME}) from share/impatient_ros/models or the source tree's models/.",
-              read_only=True),
-    ParamSpec("device", "auto", "Inference device: auto (CUDA if available), cpu, cuda or cuda:N.",
-              read_only=True),
-    ParamSpec("allow_cpu_fallback", True, "Run on the CPU (with a warning) when the CUDA device asked for "
-              "does not exist; false makes configuration fail instead.", read_only=True),
-    ParamSpec("fp16", False, "Half precision on CUDA (ignored on the CPU).", read_only=True),
-    ParamSpec("cuda_graphs", True, "Capture one CUDA graph per stage (much lower launch overhead).",
-              read_only=True),
-    ParamSpec("calibration_file", "", "Timing calibration (JSON). If it exists and matches this network and "
-              "device it is loaded instead of calibrating at configure; otherwise the node calibrates and "
-              "writes it. Empty: always calibrate, write nothing.", read_only=True),
-    ParamSpec("mode", "anytime", "anytime: publish every exit until the deadline; apriori: pick the deepest "
-              "exit that fits the budget and run only it; cascade: like anytime but stop once an exit is "
-              "confident (1-vs-2 ratio >= cascade_threshold).", choices=MODES),
-    ParamSpec("default_budget_ms", 0.0, "Time per image when neither a fresh Budget message nor the energy "
-              "table sets one, from the reference time. 0 = unlimited.", float_range=(0.0, 1e6)),
-    ParamSpec("max_budget_ms", 10000.0, "Budgets above this (Budget messages, default_budget_ms) are "
-              "rejected as absurd.", float_range=(0.001, 1e7)),
-    ParamSpec("admission_quantile", 0.99, "A stage starts only if this quantile of its measured latency "
-              "still fits before the deadline.", float_range=(0.5, 1.0)),
-    ParamSpec("cascade_threshold", 3.0, "cascade mode: stop when top-1 / top-2 probability >= this "
-              "(1.0 stops at stage 1).", float_range=(1.0, 1e12)),
-    ParamSpec("max_stage", 0, "Deepest exit to run (1..K); 0 = no cap. A Budget message's max_stage can "
-              "cap further.", int_range=(0, 255)),
-    ParamSpec("top_k", 5, "Number of class ids/scores in each message (clamped to the class count).",
-              int_range=(1, 1000)),
-    ParamSpec("input_transport", "raw", "raw: subscribe to sensor_msgs/Image on 'image'; compressed: to "
-              "sensor_msgs/CompressedImage on 'image/compressed'.", read_only=True, choices=TRANSPORTS),
-    ParamSpec("image_reliability", "best_effort", "Reliability of the camera subscription (history keep "
-              "last 1). best_effort matches every publisher; reliable only reliable ones.", read_only=True,
-              choices=RELIABILITIES),
-    ParamSpec("reference_time", "arrival", "Deadlines count from the image header stamp (mapped onto the "
-              "node's monotonic clock at arrival) or from the image's arrival.", choices=REFERENCE_TIMES),
-    ParamSpec("budget_timeout_s", 2.0, "A Budget message applies for this long after its arrival; "
-              "0 = until the next one.", float_range=(0.0, 86400.0)),
-    ParamSpec("battery_timeout_s", 10.0, "A BatteryState reading applies for this long after its "
-              "arrival; 0 = until the next one.", float_range=(0.0, 86400.0)),
-    ParamSpec("energy_soc_levels", [0.2, 0.5, 1.0], "Energy table: state-of-charge levels (0..1, strictly "
-              "increasing). A charge <= level i gets energy_budgets_ms[i]; above the last, the last entry."),
-    ParamSpec("energy_budgets_ms", [5.0, 20.0, 0.0], "Energy table: budget per level in ms; 0 = no energy "
-              "limit at that charge (default_budget_ms applies). Change both lists together with "
-              "set_parameters_atomically when their length changes."),
-    ParamSpec("labels", None, "Class names overriding the checkpoint's, one per class in class-id order. "
-              "Unset: the checkpoint's names.", unset_type=Parameter.Type.STRING_ARRAY),
-    ParamSpec("diagnostics_period_s", 1.0, "Period of the /diagnostics status.", float_range=(0.05, 60.0)),
-    ParamSpec("autostart", True, "Configure and activate at start-up (no lifecycle manager needed). "
-              "false: wait in 'unconfigured' for lifecycle transitions.", read_only=True),
-    ParamSpec("executor", "events", "Executor of the node's callbacks (images, budgets, battery, timers, "
-              "lifecycle services) when run as impatient_node: events is rclpy's EventsExecutor (about 0.5 ms "
-              "less from image arrival to inference start than single; falls back to single where rclpy "
-              "lacks it), single the SingleThreadedExecutor.", read_only=True, choices=EXECUTORS),
-)
-_SPECS = {spec.name: spec for spec in PARAMETERS}
-
-
-def check_parameters(values: Mapping[str, Any], *, num_stages: int | None = None,
-                     num_classes: int | None = None) -> str | None:
-    """Why a complete set of parameter values is invalid, or None (pure; the on-set callback's rule).
-
-    ``values`` holds every parameter (current values merged with the proposed
-    change). ``num_stages``/``num_classes`` are known once a checkpoint is
-    loaded; before that, the checks that need them are skipped (configure
-    repeats them).
-    """
-    for name, value in values.items():
-        spec = _SPECS.get(name)
-        if spec is None:
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"{name} must be a finite number, got {value}"
-        if spec.choices and value not in spec.choices:
-            return f"{name} must be one of {', '.join(spec.choices)}; got {value!r}"
-    device = values.get("device")
-    if device is not None and not _DEVICE_PATTERN.match(str(device)):
-        return f"device must be auto, cpu, cuda or cuda:N; got {device!r}"
-    default_ms, max_ms = values.get("default_budget_ms"), values.get("max_budget_ms")
-    if default_ms is not None and max_ms is not None and default_ms > max_ms:
-        return f"default_budget_ms ({default_ms}) exceeds max_budget_ms ({max_ms})"
-    levels, budgets = values.get("energy_soc_levels"), values.get("energy_budgets_ms")
-    if levels is not None and budgets is not None:
-        reason = validate_energy_table(list(levels), list(budgets))
-        if reason:
-            return reason
-        if max_ms is not None and any(b > max_ms for b in budgets):
-            return f"energy_budgets_ms {list(budgets)} holds a budget above max_budget_ms ({max_ms})"
-    max_stage = values.get("max_stage")
-    if num_stages is not None and max_stage is not None and max_stage > num_stages:
-        return f"max_stage {max_stage} exceeds the network's {num_stages} stages (0 = no cap)"
-    labels = values.get("labels")
-    if num_classes is not None and labels and len(labels) != num_classes:
-        return f"labels has {len(labels)} entries but the network has {num_classes} classes; give one per class"
-    return None
-
-
-def default_checkpoint_candidates() -> list[Path]:
-    """Where the embedded model is looked for, in order: the ament share dir, the venv's share dir, models/."""
-    candidates = []
-    try:  # a colcon/ROS install registers the package in the ament index
-        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-
-        try:
-            candidates.append(Path(get_package_share_directory("impatient_ros")) / "models" / DEFAULT_MODEL_NAME)
-        except (PackageNotFoundError, OSError):  # OSError: AMENT_PREFIX_PATH unset (pip installs)
-            pass
-    except ImportError:
-        pass
-    candidates.append(Path(sys.prefix) / "share" / "impatient_ros" / "models" / DEFAULT_MODEL_NAME)
-    candidates.append(Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME)
-    unique: list[Path] = []
-    for path in candidates:
-        if path not in unique:
-            unique.append(path)
-    return unique
-
-
-# --------------------------------------------------------------------------- mailbox
-
-
-class LatestFrameMailbox:
-    """A single slot: ``put`` replaces a waiting item, ``take`` blocks until one is there (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: Any = None
-
-    def put(self, item: Any) -> bool:
-        """Store ``item``; True if it replaced one that was still waiting (a dropped frame)."""
-        with self._cond:
-            replaced = self._item is not None
-            self._item = item
-            self._cond.notify()
-            return replaced
-
-    def take(self, timeout: float | None = None) -> Any:
-        """The waiting item (emptying the slot), or None after ``timeout`` seconds."""
-        with self._cond:
-            if self._item is None:
-                self._cond.wait(timeout)
-            item, self._item = self._item, None
-            return item
-
-    def clear(self) -> int:
-        """Empty the slot; 1 if an item was discarded, else 0."""
-        with self._cond:
-            discarded = int(self._item is not None)
-            self._item = None
-            return discarded
-
-    def wake(self) -> None:
-        """Wake a waiting ``take`` (used when stopping the inference thread)."""
-        with self._cond:
-            self._cond.notify_all()
+_PARAMETER_NAMES = frozenset(spec.name for spec in PARAMETERS)
 
 
 @dataclass(frozen=True)
@@ -325,29 +124,6 @@ def _duration_s(duration: Any) -> float:
     return float(duration.sec) + float(duration.nanosec) * 1e-9
 
 
-class _LogThrottle:
-    """At most one log message per key and period, decided with one clock read.
-
-    rclpy's own ``throttle_duration_sec`` identifies the call site by inspecting the
-    caller's frame and source file on every call (~0.3 ms, measured) even when it then
-    suppresses the message: a flood of invalid Budget messages kept the executor busy
-    with logging alone and starved the image callbacks (tests/test_reliability.py).
-    A race between two threads at worst logs one extra message.
-    """
-
-    def __init__(self, period_s: float) -> None:
-        self._period_s = period_s
-        self._last: dict[str, float] = {}
-
-    def ready(self, key: str) -> bool:
-        """True (and the period restarts) if nothing was logged under ``key`` for ``period_s``."""
-        now = time.monotonic()
-        if now - self._last.get(key, -math.inf) < self._period_s:
-            return False
-        self._last[key] = now
-        return True
-
-
 # --------------------------------------------------------------------------- the node
 
 
@@ -356,9 +132,7 @@ class ImpatientNode(LifecycleNode):
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        for spec in PARAMETERS:
-            value = spec.unset_type if spec.default is None else spec.default
-            self.declare_parameter(spec.name, value, spec.descriptor())
+        declare(self, PARAMETERS)
         # Overrides (-p, --params-file) were applied by the declarations: validate them as a whole.
         reason = check_parameters(self._parameter_values())
         if reason:
@@ -370,8 +144,8 @@ class ImpatientNode(LifecycleNode):
         self._policy = BudgetPolicy(self._policy_config())
         self._settings = self._read_settings()
         self._mailbox = LatestFrameMailbox()
-        self._log_throttle = _LogThrottle(_THROTTLE_S)
-        self._engine: Any = None
+        self._log_throttle = LogThrottle(_THROTTLE_S)
+        self._engine: StagedEngine | None = None
         self._labels: list[str] = []
         self._stage_pubs: list[Any] = []
         self._prediction_pub: Any = None
@@ -406,7 +180,7 @@ class ImpatientNode(LifecycleNode):
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         proposed = self._parameter_values()
         for param in params:
-            if param.name in _SPECS and param.type_ == Parameter.Type.NOT_SET:
+            if param.name in _PARAMETER_NAMES and param.type_ == Parameter.Type.NOT_SET:
                 return SetParametersResult(successful=False, reason=f"{param.name} cannot be undeclared")
             proposed[param.name] = param.value
         engine = self._engine
@@ -449,7 +223,7 @@ class ImpatientNode(LifecycleNode):
             labels=tuple(labels) if labels else None,
         )
 
-    def _resolve_labels(self, engine: Any) -> list[str]:
+    def _resolve_labels(self, engine: StagedEngine) -> list[str]:
         return resolve_labels(engine.class_names, self._settings.labels, engine.num_classes)
 
     # ------------------------------------------------------------------ lifecycle
@@ -466,11 +240,6 @@ class ImpatientNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _configure(self) -> None:
-        # Imported here: torch takes seconds to import, parameter errors should not wait for it.
-        from impatient_ros.runtime.checkpoint import CheckpointError, load_checkpoint
-        from impatient_ros.runtime.engine import StagedEngine
-        from impatient_ros.runtime.timing import TimingError
-
         path = self._checkpoint_path()
         try:
             checkpoint = load_checkpoint(path)
@@ -494,7 +263,7 @@ class ImpatientNode(LifecycleNode):
                                   num_classes=engine.num_classes)
         if reason:
             raise RuntimeError(f"parameters do not fit checkpoint {path}: {reason}")
-        self._calibrate(engine, TimingError)
+        self._calibrate(engine)
         self._engine = engine
         self._labels = self._resolve_labels(engine)
         self._update_predictions(engine)
@@ -519,21 +288,21 @@ class ImpatientNode(LifecycleNode):
                            + ", ".join(str(p) for p in candidates)
                            + "; set -p checkpoint:=/path/to/model.pt (train one with impatient-train)")
 
-    def _calibrate(self, engine: Any, timing_error: type[Exception]) -> None:
+    def _calibrate(self, engine: StagedEngine) -> None:
         calibration = str(self._param("calibration_file")).strip()
         if calibration and Path(calibration).expanduser().is_file():
             try:
                 engine.load_calibration(Path(calibration).expanduser())
                 self.get_logger().info(f"timing calibration loaded from {calibration}")
                 return
-            except timing_error as exc:
+            except TimingError as exc:
                 self.get_logger().warning(f"{exc}; calibrating again")
         engine.calibrate()
         if calibration:
             saved = engine.save_calibration(Path(calibration).expanduser())
             self.get_logger().info(f"timing calibration written to {saved}")
 
-    def _update_predictions(self, engine: Any) -> None:
+    def _update_predictions(self, engine: StagedEngine) -> None:
         # The timing model is not thread-safe: only the thread that runs the engine reads it.
         if engine.timing.is_calibrated:
             q, timing = engine.admission_quantile, engine.timing
@@ -560,8 +329,8 @@ class ImpatientNode(LifecycleNode):
                        else ReliabilityPolicy.BEST_EFFORT)
         image_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=reliability)
         if transport == "compressed":
-            image_sub = self.create_subscription(CompressedImage, self._compressed_topic(), self._on_image,
-                                                 image_qos)
+            image_sub = self.create_subscription(CompressedImage, compressed_topic(self.resolve_topic_name),
+                                                 self._on_image, image_qos)
         else:
             image_sub = self.create_subscription(Image, "image", self._on_image, image_qos)
         budget_sub = self.create_subscription(
@@ -577,13 +346,6 @@ class ImpatientNode(LifecycleNode):
         self._worker.start()
         self.get_logger().info(f"active: images on {image_sub.topic_name} ({transport}), "
                                f"results on {self._prediction_pub.topic_name}")
-
-    def _compressed_topic(self) -> str:
-        """'image/compressed', following a remap of 'image' as image_transport does (unless remapped itself)."""
-        direct = self.resolve_topic_name("image/compressed")
-        if direct != self.resolve_topic_name("image/compressed", only_expand=True):
-            return direct
-        return self.resolve_topic_name("image") + "/compressed"
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Stop the inference thread and drop the subscriptions."""
@@ -636,8 +398,6 @@ class ImpatientNode(LifecycleNode):
             on_cuda = engine.device.type == "cuda"
             del engine
             if on_cuda:
-                import torch
-
                 torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ callbacks (executor thread)
@@ -793,29 +553,6 @@ class ImpatientNode(LifecycleNode):
 
 
 # --------------------------------------------------------------------------- entry point
-
-
-def make_executor(kind: str) -> Any:
-    """The executor ``kind`` ("events" or "single"); rclpy's EventsExecutor only where this rclpy has it."""
-    if kind == "events":
-        try:
-            from rclpy.experimental import EventsExecutor
-        except ImportError:
-            return SingleThreadedExecutor()
-        return EventsExecutor()
-    return SingleThreadedExecutor()
-
-
-def spin(executor: Any, node: Any) -> None:
-    """Spin until the context shuts down (Ctrl-C, SIGTERM, rclpy.shutdown()).
-
-    Short spin_once calls rather than spin(), for either executor: rclpy's
-    EventsExecutor does not return from spin() when a signal shuts the context
-    down (the SingleThreadedExecutor's spin() is this same loop).
-    """
-    executor.add_node(node)
-    while rclpy.ok(context=node.context):
-        executor.spin_once(timeout_sec=0.2)
 
 
 def main(args: Sequence[str] | None = None) -> int:
