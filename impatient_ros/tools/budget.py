@@ -27,10 +27,30 @@ from rclpy.task import Future
 from std_msgs.msg import Header
 
 from impatient_ros.msg import Budget
+from impatient_ros.ros.choices import RELIABILITIES
+from impatient_ros.ros.params import ParamSpec, check_declared, check_values, declare
 from impatient_ros.tools.schedule import SPEC_FORMS, BudgetSchedule, ScheduleError, parse_schedule
-from impatient_ros.tools.common import RELIABILITIES, check_declared, describe, make_qos, run_node
+from impatient_ros.tools.common import make_qos, run_node
 
-__all__ = ["BudgetNode", "duration_from_ms", "main"]
+__all__ = ["PARAMETERS", "BudgetNode", "duration_from_ms", "main"]
+
+# Choices go into additional_constraints only (list_choices=False): the tools' short descriptions never
+# listed them.
+PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("schedule", "sweep:1,20,10", f"budget schedule: {SPEC_FORMS}"),
+    ParamSpec("seed", 0, "seed of the random draws of distribution schedules", read_only=True,
+              int_range=(0, 2**31 - 1)),
+    ParamSpec("rate_hz", 5.0, "Budget messages per second", float_range=(0.01, 1000.0)),
+    ParamSpec("max_stage", 0, "max_stage field of every message: deepest exit to run (0: no cap)",
+              int_range=(0, 255)),
+    ParamSpec("source", "schedule", "source field of every message: who set the budget"),
+    ParamSpec("max_messages", 0, "stop after this many messages (0: run until stopped)", read_only=True,
+              int_range=(0, 2**31 - 1)),
+    ParamSpec("reliability", "reliable", "QoS reliability of the budget topic", read_only=True,
+              choices=RELIABILITIES, list_choices=False),
+    ParamSpec("wait_for_subscribers", 0, "hold the first message until the budget topic has this many "
+              "subscribers; the schedule starts then (0: start at once)", read_only=True, int_range=(0, 1000)),
+)
 
 
 def duration_from_ms(value_ms: float) -> DurationMsg:
@@ -47,24 +67,7 @@ class BudgetNode(Node):
     def __init__(self, **node_options: Any) -> None:
         # node_options go to rclpy's Node (context, parameter_overrides, ...): tests run it in-process.
         super().__init__("impatient_budget", **node_options)
-        self.declare_parameter("schedule", "sweep:1,20,10", describe(
-            f"budget schedule: {SPEC_FORMS}", str))
-        self.declare_parameter("seed", 0, describe(
-            "seed of the random draws of distribution schedules", int, read_only=True, int_range=(0, 2**31 - 1)))
-        self.declare_parameter("rate_hz", 5.0, describe(
-            "Budget messages per second", float, float_range=(0.01, 1000.0)))
-        self.declare_parameter("max_stage", 0, describe(
-            "max_stage field of every message: deepest exit to run (0: no cap)", int, int_range=(0, 255)))
-        self.declare_parameter("source", "schedule", describe(
-            "source field of every message: who set the budget", str))
-        self.declare_parameter("max_messages", 0, describe(
-            "stop after this many messages (0: run until stopped)", int, read_only=True,
-            int_range=(0, 2**31 - 1)))
-        self.declare_parameter("reliability", "reliable", describe(
-            "QoS reliability of the budget topic", str, read_only=True, choices=RELIABILITIES))
-        self.declare_parameter("wait_for_subscribers", 0, describe(
-            "hold the first message until the budget topic has this many subscribers; the schedule "
-            "starts then (0: start at once)", int, read_only=True, int_range=(0, 1000)))
+        declare(self, PARAMETERS)
         check_declared(self, self._check_parameters)
         self.add_on_set_parameters_callback(self._check_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
@@ -84,16 +87,16 @@ class BudgetNode(Node):
         return self.get_parameter(name).value
 
     def _check_parameters(self, params: list[Parameter]) -> SetParametersResult:
-        # Ranges are enforced by the descriptors; the schedule and the choices are checked here.
+        # Ranges are enforced by the descriptors; choices by the specs, the schedule here.
+        reason = check_values(PARAMETERS, {p.name: p.value for p in params})
+        if reason:
+            return SetParametersResult(successful=False, reason=reason)
         for p in params:
             if p.name == "schedule":
                 try:
                     parse_schedule(p.value)
                 except ScheduleError as exc:
                     return SetParametersResult(successful=False, reason=str(exc))
-            if p.name == "reliability" and p.value not in RELIABILITIES:
-                return SetParametersResult(
-                    successful=False, reason=f"reliability must be one of {', '.join(RELIABILITIES)}, got {p.value!r}")
         return SetParametersResult(successful=True)
 
     def _apply_parameters(self, params: list[Parameter]) -> None:

@@ -33,7 +33,10 @@ from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, Int32MultiArray, MultiArrayDimension
 
+from impatient_ros.ros.choices import RELIABILITIES, TRANSPORTS
 from impatient_ros.ros.image_convert import ImageConversionError, array_to_compressed, array_to_image_fields
+from impatient_ros.ros.params import ParamSpec, check_declared, check_values, declare
+from impatient_ros.ros.topics import compressed_topic
 from impatient_ros.tools.sources import (
     DEFAULT_FASHION_MNIST_DIR,
     ENCODINGS,
@@ -44,15 +47,40 @@ from impatient_ros.tools.sources import (
     iterate_frames,
     open_source,
 )
-from impatient_ros.tools.common import RELIABILITIES, check_declared, describe, make_qos, run_node
+from impatient_ros.tools.common import make_qos, run_node
 
-__all__ = ["LABEL_LAYOUT", "CameraNode", "main"]
+__all__ = ["LABEL_LAYOUT", "PARAMETERS", "CameraNode", "main"]
 
 LABEL_LAYOUT = "stamp_sec,stamp_nanosec,class_id"
-TRANSPORTS = ("raw", "compressed")
 COMPRESSED_FORMATS = ("jpeg", "png")
 ENCODING_CHOICES = ("auto", *ENCODINGS)  # auto: mono8 for grey frames, rgb8 for colour ones
 _ACK_TIMEOUT_S = 2.0  # how long the last reliable messages may take to be acknowledged at the end
+
+# Choices go into additional_constraints only (list_choices=False): the tools' short descriptions never
+# listed them.
+PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("source", "fashion-mnist:test", f"what to publish: {SPEC_FORMS}", read_only=True),
+    ParamSpec("dataset_dir", str(DEFAULT_FASHION_MNIST_DIR), "folder of the IDX files for the fashion-mnist source",
+              read_only=True),
+    ParamSpec("rate_hz", 10.0, "frames per second", float_range=(0.01, 1000.0)),
+    ParamSpec("transport", "raw", "raw: sensor_msgs/Image on 'image'; compressed: sensor_msgs/CompressedImage on "
+              "'image/compressed'", read_only=True, choices=TRANSPORTS, list_choices=False),
+    ParamSpec("encoding", "auto", "pixel encoding of raw images (compressed images are mono8 or bgr8); auto: mono8 "
+              "for grey frames, rgb8 for colour ones", choices=ENCODING_CHOICES, list_choices=False),
+    ParamSpec("compressed_format", "jpeg", "codec of compressed images", choices=COMPRESSED_FORMATS,
+              list_choices=False),
+    ParamSpec("jpeg_quality", 90, "JPEG quality", int_range=(1, 100)),
+    ParamSpec("width", 0, "resize to this width (0 with height 0: keep the source size)", int_range=(0, 16384)),
+    ParamSpec("height", 0, "resize to this height (0 with width 0: keep the source size)", int_range=(0, 16384)),
+    ParamSpec("frame_id", "camera", "header.frame_id of the images"),
+    ParamSpec("loop", True, "start again at the end of the source; false: stop there", read_only=True),
+    ParamSpec("max_frames", 0, "stop after this many frames (0: no limit)", read_only=True, int_range=(0, 2**31 - 1)),
+    ParamSpec("reliability", "best_effort", "image QoS reliability (sensor data is best effort; reliable for "
+              "lossless tests)", read_only=True, choices=RELIABILITIES, list_choices=False),
+    ParamSpec("depth", 1, "image QoS history depth", read_only=True, int_range=(1, 1000)),
+    ParamSpec("wait_for_subscribers", 0, "hold the first frame until the image topic and the label topic each "
+              "have this many subscribers (0: start at once)", read_only=True, int_range=(0, 1000)),
+)
 
 
 class CameraNode(Node):
@@ -61,38 +89,7 @@ class CameraNode(Node):
     def __init__(self, **node_options: Any) -> None:
         # node_options go to rclpy's Node (context, parameter_overrides, ...): tests run it in-process.
         super().__init__("impatient_camera", **node_options)
-        self.declare_parameter("source", "fashion-mnist:test", describe(
-            f"what to publish: {SPEC_FORMS}", str, read_only=True))
-        self.declare_parameter("dataset_dir", str(DEFAULT_FASHION_MNIST_DIR), describe(
-            "folder of the IDX files for the fashion-mnist source", str, read_only=True))
-        self.declare_parameter("rate_hz", 10.0, describe(
-            "frames per second", float, float_range=(0.01, 1000.0)))
-        self.declare_parameter("transport", "raw", describe(
-            "raw: sensor_msgs/Image on 'image'; compressed: sensor_msgs/CompressedImage on 'image/compressed'",
-            str, read_only=True, choices=TRANSPORTS))
-        self.declare_parameter("encoding", "auto", describe(
-            "pixel encoding of raw images (compressed images are mono8 or bgr8); auto: mono8 for grey "
-            "frames, rgb8 for colour ones", str, choices=ENCODING_CHOICES))
-        self.declare_parameter("compressed_format", "jpeg", describe(
-            "codec of compressed images", str, choices=COMPRESSED_FORMATS))
-        self.declare_parameter("jpeg_quality", 90, describe("JPEG quality", int, int_range=(1, 100)))
-        self.declare_parameter("width", 0, describe(
-            "resize to this width (0 with height 0: keep the source size)", int, int_range=(0, 16384)))
-        self.declare_parameter("height", 0, describe(
-            "resize to this height (0 with width 0: keep the source size)", int, int_range=(0, 16384)))
-        self.declare_parameter("frame_id", "camera", describe("header.frame_id of the images", str))
-        self.declare_parameter("loop", True, describe(
-            "start again at the end of the source; false: stop there", bool, read_only=True))
-        self.declare_parameter("max_frames", 0, describe(
-            "stop after this many frames (0: no limit)", int, read_only=True, int_range=(0, 2**31 - 1)))
-        self.declare_parameter("reliability", "best_effort", describe(
-            "image QoS reliability (sensor data is best effort; reliable for lossless tests)",
-            str, read_only=True, choices=RELIABILITIES))
-        self.declare_parameter("depth", 1, describe(
-            "image QoS history depth", int, read_only=True, int_range=(1, 1000)))
-        self.declare_parameter("wait_for_subscribers", 0, describe(
-            "hold the first frame until the image topic and the label topic each have this many "
-            "subscribers (0: start at once)", int, read_only=True, int_range=(0, 1000)))
+        declare(self, PARAMETERS)
         check_declared(self, self._check_parameters)
         self.add_on_set_parameters_callback(self._check_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
@@ -107,7 +104,7 @@ class CameraNode(Node):
         self._compressed = self._param("transport") == "compressed"
         qos = make_qos(self._param("reliability"), self._param("depth"))
         if self._compressed:
-            self.image_pub = self.create_publisher(CompressedImage, self._compressed_topic(), qos)
+            self.image_pub = self.create_publisher(CompressedImage, compressed_topic(self.resolve_topic_name), qos)
         else:
             self.image_pub = self.create_publisher(Image, "image", qos)
         # Labels are tiny and the monitor needs every one: reliable with room to spare.
@@ -118,25 +115,14 @@ class CameraNode(Node):
             f"publishing {self.source.describe()} on {self.image_pub.topic_name} at {self._param('rate_hz'):g} Hz"
             f", labels on {self.label_pub.topic_name}")
 
-    def _compressed_topic(self) -> str:
-        # 'image/compressed' follows a remap of 'image' (as image_transport and the
-        # classifier node do) unless it is remapped itself.
-        direct = self.resolve_topic_name("image/compressed")
-        if direct != self.resolve_topic_name("image/compressed", only_expand=True):
-            return direct
-        return self.resolve_topic_name("image") + "/compressed"
-
     def _param(self, name: str):  # noqa: ANN202 - the value's type depends on the parameter
         return self.get_parameter(name).value
 
     def _check_parameters(self, params: list[Parameter]) -> SetParametersResult:
-        # Ranges are enforced by the descriptors; choices are checked here.
-        choices = {"encoding": ENCODING_CHOICES, "compressed_format": COMPRESSED_FORMATS,
-                   "transport": TRANSPORTS, "reliability": RELIABILITIES}
-        for p in params:
-            if p.name in choices and p.value not in choices[p.name]:
-                return SetParametersResult(
-                    successful=False, reason=f"{p.name} must be one of {', '.join(choices[p.name])}, got {p.value!r}")
+        # Ranges are enforced by the descriptors; choices by the specs, the size rule here.
+        reason = check_values(PARAMETERS, {p.name: p.value for p in params})
+        if reason:
+            return SetParametersResult(successful=False, reason=reason)
         sizes = {p.name: p.value for p in params if p.name in ("width", "height")}
         if sizes:
             width = sizes.get("width", self._param("width"))

@@ -7,7 +7,9 @@
 The logic each tool needs (image sources, budget schedules, statistics) lives
 in pure modules (:mod:`impatient_ros.tools.sources`, :mod:`impatient_ros.tools.schedule`,
 :mod:`impatient_ros.tools.monitor_stats`); the nodes here only wire it to ROS. This
-package imports rclpy; the pure modules do not.
+package imports rclpy; the pure modules do not. The tools declare their
+parameters like the classifier node, as ParamSpec lists
+(:mod:`impatient_ros.ros.params`).
 """
 
 from __future__ import annotations
@@ -15,68 +17,15 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import rclpy
-from rcl_interfaces.msg import (
-    FloatingPointRange,
-    IntegerRange,
-    ParameterDescriptor,
-    ParameterType,
-    SetParametersResult,
-)
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
-from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.task import Future
 
-__all__ = ["RELIABILITIES", "check_declared", "describe", "make_qos", "run_node"]
+from impatient_ros.ros.choices import RELIABILITIES
 
-RELIABILITIES: tuple[str, ...] = ("best_effort", "reliable")
-
-_TYPES = {
-    bool: ParameterType.PARAMETER_BOOL,
-    int: ParameterType.PARAMETER_INTEGER,
-    float: ParameterType.PARAMETER_DOUBLE,
-    str: ParameterType.PARAMETER_STRING,
-}
-
-
-def describe(
-    description: str,
-    kind: type,
-    *,
-    read_only: bool = False,
-    choices: Sequence[str] | None = None,
-    int_range: tuple[int, int] | None = None,
-    float_range: tuple[float, float] | None = None,
-) -> ParameterDescriptor:
-    """A ParameterDescriptor; ``choices`` are listed in additional_constraints (checked by the node)."""
-    descriptor = ParameterDescriptor(
-        description=description,
-        type=_TYPES[kind],
-        read_only=read_only,
-        additional_constraints=f"one of: {', '.join(choices)}" if choices else "",
-    )
-    if int_range is not None:
-        descriptor.integer_range = [IntegerRange(from_value=int_range[0], to_value=int_range[1], step=1)]
-    if float_range is not None:
-        # step 0 = any value in the range (rcl_interfaces convention).
-        descriptor.floating_point_range = [
-            FloatingPointRange(from_value=float(float_range[0]), to_value=float(float_range[1]), step=0.0)
-        ]
-    return descriptor
-
-
-def check_declared(node: Node, check: Callable[[list[Parameter]], SetParametersResult]) -> None:
-    """Run an on-set parameter check on the values given at start-up; ValueError with its reason.
-
-    On-set callbacks see later changes only, so the start-up values (from
-    ``-p``, a params file, a launch file) need this explicit pass.
-    """
-    names = node.list_parameters([], 0).names
-    result = check(node.get_parameters(names))
-    if not result.successful:
-        raise ValueError(f"{node.get_name()}: invalid parameter: {result.reason}")
+__all__ = ["make_qos", "run_node"]
 
 
 def make_qos(reliability: str, depth: int, *, transient_local: bool = False) -> QoSProfile:

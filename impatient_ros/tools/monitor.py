@@ -35,9 +35,26 @@ from std_msgs.msg import Int32MultiArray
 
 from impatient_ros.tools.monitor_stats import MonitorStats, PredictionRecord, format_table, write_plot, write_summary
 from impatient_ros.msg import StagePrediction
-from impatient_ros.tools.common import RELIABILITIES, check_declared, describe, make_qos, run_node
+from impatient_ros.ros.choices import RELIABILITIES
+from impatient_ros.ros.params import ParamSpec, check_declared, check_values, declare
+from impatient_ros.tools.common import make_qos, run_node
 
-__all__ = ["MonitorNode", "main", "record_from_message"]
+__all__ = ["PARAMETERS", "MonitorNode", "main", "record_from_message"]
+
+# Choices go into additional_constraints only (list_choices=False): the tools' short descriptions never
+# listed them.
+PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("print_period_s", 1.0, "seconds between live tables on stdout (0: only the final one)",
+              read_only=True, float_range=(0.0, 3600.0)),
+    ParamSpec("label_wait_s", 2.0, "how long a prediction waits for its label before it counts as unlabelled",
+              read_only=True, float_range=(0.0, 60.0)),
+    ParamSpec("summary_path", "", "write the JSON summary here on exit ('': do not write)"),
+    ParamSpec("plot_path", "", "write the PNG plot here on exit ('': do not plot)"),
+    ParamSpec("duration_s", 0.0, "stop by itself after this many seconds (0: run until stopped)",
+              read_only=True, float_range=(0.0, 1e9)),
+    ParamSpec("reliability", "reliable", "QoS reliability of the prediction subscription (best_effort also "
+              "matches a reliable publisher)", read_only=True, choices=RELIABILITIES, list_choices=False),
+)
 
 
 def _ms(duration) -> float:  # noqa: ANN001 - builtin_interfaces/Duration
@@ -66,22 +83,7 @@ class MonitorNode(Node):
     def __init__(self, **node_options: Any) -> None:
         # node_options go to rclpy's Node (context, parameter_overrides, ...): tests run it in-process.
         super().__init__("impatient_monitor", **node_options)
-        self.declare_parameter("print_period_s", 1.0, describe(
-            "seconds between live tables on stdout (0: only the final one)", float,
-            read_only=True, float_range=(0.0, 3600.0)))
-        self.declare_parameter("label_wait_s", 2.0, describe(
-            "how long a prediction waits for its label before it counts as unlabelled", float,
-            read_only=True, float_range=(0.0, 60.0)))
-        self.declare_parameter("summary_path", "", describe(
-            "write the JSON summary here on exit ('': do not write)", str))
-        self.declare_parameter("plot_path", "", describe(
-            "write the PNG plot here on exit ('': do not plot)", str))
-        self.declare_parameter("duration_s", 0.0, describe(
-            "stop by itself after this many seconds (0: run until stopped)", float,
-            read_only=True, float_range=(0.0, 1e9)))
-        self.declare_parameter("reliability", "reliable", describe(
-            "QoS reliability of the prediction subscription (best_effort also matches a reliable publisher)",
-            str, read_only=True, choices=RELIABILITIES))
+        declare(self, PARAMETERS)
         check_declared(self, self._check_parameters)
         self.add_on_set_parameters_callback(self._check_parameters)
 
@@ -102,11 +104,9 @@ class MonitorNode(Node):
             f"listening to {self.prediction_sub.topic_name} and labels on {self.label_sub.topic_name}")
 
     def _check_parameters(self, params: list[Parameter]) -> SetParametersResult:
-        for p in params:
-            if p.name == "reliability" and p.value not in RELIABILITIES:
-                return SetParametersResult(
-                    successful=False, reason=f"reliability must be one of {', '.join(RELIABILITIES)}, got {p.value!r}")
-        return SetParametersResult(successful=True)
+        # Ranges are enforced by the descriptors, choices by the specs.
+        reason = check_values(PARAMETERS, {p.name: p.value for p in params})
+        return SetParametersResult(successful=reason is None, reason=reason or "")
 
     def _on_prediction(self, msg: StagePrediction) -> None:
         self.stats.add_prediction(record_from_message(msg, time.monotonic()))
