@@ -419,11 +419,13 @@ def test_calibration_file_cumulative_ready_times(tmp_path):
     path = tmp_path / "timing.json"
     # Stage order in the file does not matter; stage numbers do.
     path.write_text(json.dumps(_timing([_stage(2, 2.5, p50=2.0), _stage(1, 1.0, p50=0.75), _stage(3, 0.5)])))
-    np.testing.assert_allclose(ready_times_from_calibration(path), [1.0, 3.5, 4.0])
+    np.testing.assert_allclose(ready_times_from_calibration(path, key="mean_ms"), [1.0, 3.5, 4.0])
     np.testing.assert_allclose(ready_times_from_calibration(path, key="p50_ms"), [0.75, 2.75, 3.25])
     np.testing.assert_allclose(ready_times_from_calibration(str(path), key="p99_ms"), [2.0, 7.0, 8.0])
+    # The median is the package's one statistic for ready times (impatient_ros.core.ready_times).
+    np.testing.assert_allclose(ready_times_from_calibration(path), [0.75, 2.75, 3.25])
     # And straight into Eq. 5.
-    bw = budget_weights(UniformBudget(0.0, 8.0), ready_times_from_calibration(path))
+    bw = budget_weights(UniformBudget(0.0, 8.0), ready_times_from_calibration(path, key="mean_ms"))
     np.testing.assert_allclose(bw.weights, [2.5 / 8, 0.5 / 8, 4.0 / 8])
 
 

@@ -130,16 +130,21 @@ def test_load_rejects_foreign_and_mismatched_files(tmp_path):
     cases = {
         "foreign.json": {"format": "something.else", "stages": []},
         "version.json": {**data, "version": 99},
-        "order.json": {**data, "stages": data["stages"][::-1]},
+        "repeat.json": {**data, "stages": [data["stages"][0], data["stages"][0], data["stages"][2]]},
         "empty.json": {**data, "stages": [{**data["stages"][0], "block_samples_ms": []}]},
         "negative.json": {**data, "stages": [{**data["stages"][0], "head_samples_ms": [-1.0]}]},
     }
     messages = {"foreign.json": "not an impatient_ros timing", "version.json": "version 99",
-                "order.json": "stage entry 0", "empty.json": "non-empty", "negative.json": "not a time"}
+                "repeat.json": "without gaps or repeats", "empty.json": "non-empty", "negative.json": "not a time"}
     for name, content in cases.items():
         (tmp_path / name).write_text(json.dumps(content))
         with pytest.raises(TimingError, match=messages[name]):
             TimingModel.load(tmp_path / name)
+    # Entries are identified by their "stage" number, not their position (the budget reader always did so).
+    (tmp_path / "reversed.json").write_text(json.dumps({**data, "stages": data["stages"][::-1]}))
+    reversed_model = TimingModel.load(tmp_path / "reversed.json")
+    for k in range(3):
+        assert reversed_model.block_samples(k) == pytest.approx(_fed().block_samples(k))
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(TimingError, match="JSON"):
         TimingModel.load(tmp_path / "broken.json")

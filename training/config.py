@@ -40,6 +40,7 @@ from impatient_ros.core.budget import (
     ready_times_from_calibration,
     scheme_weights,
 )
+from impatient_ros.core.calibration import DEFAULT_KEY as DEFAULT_CALIBRATION_KEY
 from .data import AUGMENTATIONS, CHANNELS, DATASETS, DataError, parse_val_split
 from .recipe import RECIPES
 
@@ -132,7 +133,8 @@ class BudgetConfig:
     """Exit loss weights: an index ``scheme`` or, when ``distribution`` is set, paper Eq. 5.
 
     Eq. 5 needs the exits' ready times: ``ready_times_ms`` (one per exit) or a
-    timing ``calibration`` file (cumulative ``calibration_key`` per stage).
+    timing ``calibration`` file (anytime ready times, impatient_ros.core.ready_times:
+    each block and head summarised by ``calibration_key``, the median ``p50_ms`` by default).
     A distribution overrides the scheme.
     """
 
@@ -142,7 +144,7 @@ class BudgetConfig:
     distribution: str | None = None
     ready_times_ms: list[float] | None = None
     calibration: str | None = None
-    calibration_key: str = "mean_ms"
+    calibration_key: str = DEFAULT_CALIBRATION_KEY
 
     def resolve(self, num_exits: int) -> dict[str, Any]:
         """The checkpoint's budget record for ``num_exits`` exits (plain types).
@@ -517,8 +519,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         none="none", nargs="+", type=float, metavar="MS")
     opt(g, "--calibration", "budget", "calibration", "timing calibration JSON giving the ready times", none="none",
         metavar="FILE")
-    opt(g, "--calibration-key", "budget", "calibration_key", f"which latency to sum: {', '.join(CALIBRATION_KEYS)}",
-        metavar="KEY")
+    opt(g, "--calibration-key", "budget", "calibration_key", "statistic of each block and head that the ready times "
+        f"sum: {', '.join(CALIBRATION_KEYS)} (p50_ms: the median)", metavar="KEY")
 
     g = parser.add_argument_group("training")
     opt(g, "--out", None, "out", "output folder (last.pt, best.pt, config.yaml, metrics.jsonl)", metavar="DIR")

@@ -199,9 +199,10 @@ def measure_costs(loaded: Any, device: str = "cpu", iterations: int = 50, warmup
     """Time every stage's block and head on ``device`` at batch 1 with the engine's calibration; medians in ms.
 
     The staged engine is what runs on the robot, so its own calibration (CUDA
-    graphs on a GPU, the eager network on the CPU) is the cost that matters.
-    Medians, because a shared machine adds rare long stalls that are not the
-    network's cost. Note: the engine takes over ``loaded.net`` (eval mode, on ``device``).
+    graphs on a GPU, the eager network with fused heads on the CPU) is the cost
+    that matters. Medians: the package's one statistic for ready times
+    (impatient_ros.core.ready_times says why). Note: the engine takes over
+    ``loaded.net`` (eval mode, on ``device``).
     """
     from impatient_ros.runtime.engine import StagedEngine
 
@@ -209,26 +210,25 @@ def measure_costs(loaded: Any, device: str = "cpu", iterations: int = 50, warmup
     timing = engine.calibrate(warmup=warmup, iterations=iterations)
     if calibration_out is not None:
         engine.save_calibration(calibration_out)
-    return _costs_of(timing, source=f"measured: engine calibration, median of {iterations} runs at batch 1")
+    return _costs_of(timing.to_calibration(),
+                     source=f"measured: engine calibration, median of {iterations} runs at batch 1")
 
 
 def costs_from_calibration(path: str | Path, num_stages: int, input_size: Sequence[int] | None = None) -> ExitCosts:
-    """Stage costs (medians of the samples) from an engine calibration file (``impatient_ros.runtime.timing``)."""
-    from impatient_ros.runtime.timing import TimingError, TimingModel
+    """Stage costs (medians of the samples) from an engine calibration file (``impatient_ros.core.calibration``)."""
+    from impatient_ros.core.calibration import CalibrationError, read_calibration
 
     try:
-        timing = TimingModel.load(path, num_stages=num_stages,
-                                  input_size=None if input_size is None else tuple(input_size))
-    except TimingError as exc:
+        calibration = read_calibration(path, require_samples=True).check(num_stages=num_stages, input_size=input_size)
+    except CalibrationError as exc:
         raise EvalError(str(exc)) from None
-    return _costs_of(timing, source=f"calibration file {path} (median of its samples)")
+    return _costs_of(calibration, source=f"calibration file {path} (median of its samples)")
 
 
-def _costs_of(timing: Any, source: str) -> ExitCosts:
-    k_max = timing.num_stages
-    return ExitCosts(tuple(1e3 * timing.block_cost(k, 0.5) for k in range(k_max)),
-                     tuple(1e3 * timing.head_cost(k, 0.5) for k in range(k_max)),
-                     source=source, device=timing.device)
+def _costs_of(calibration: Any, source: str) -> ExitCosts:
+    """Block and head cost per stage: the median of each part's samples (impatient_ros.core.ready_times)."""
+    block, head = calibration.stage_costs()
+    return ExitCosts(tuple(block.tolist()), tuple(head.tolist()), source=source, device=calibration.device)
 
 
 # --------------------------------------------------------------------------- report sections

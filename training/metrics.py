@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from impatient_ros.core.budget import SCHEMES, expected_accuracy, scheme_weights
+from impatient_ros.core.ready_times import anytime_ready_times, apriori_ready_times
 
 __all__ = [
     "CRITERIA",
@@ -105,7 +106,11 @@ def _check_costs(costs: Any, num_exits: int, what: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ExitCosts:
-    """Measured cost of each part, ms: ``block`` and ``head`` per stage, and the source of the numbers."""
+    """Measured cost of each part, ms: ``block`` and ``head`` per stage, and the source of the numbers.
+
+    The ready times are the package's one definition (impatient_ros.core.ready_times);
+    evaluation fills the costs with the median of each part's samples, as everywhere.
+    """
 
     block_ms: tuple[float, ...]
     head_ms: tuple[float, ...]
@@ -130,12 +135,12 @@ class ExitCosts:
     @property
     def apriori_ms(self) -> np.ndarray:
         """t_B(k): blocks 1..k plus head k only."""
-        return np.cumsum(self.block_ms) + np.asarray(self.head_ms)
+        return apriori_ready_times(self.block_ms, self.head_ms)
 
     @property
     def anytime_ms(self) -> np.ndarray:
         """t_A(k): blocks and heads 1..k."""
-        return np.cumsum(np.asarray(self.block_ms) + np.asarray(self.head_ms))
+        return anytime_ready_times(self.block_ms, self.head_ms)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types for JSON reports."""

@@ -41,6 +41,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .calibration import DEFAULT_KEY, READY_TIME_KEYS, CalibrationError, load_json, parse_calibration
+
 __all__ = [
     "SCHEMES",
     "DISTRIBUTION_KINDS",
@@ -62,9 +64,8 @@ __all__ = [
 
 SCHEMES: tuple[str, ...] = ("STD", "EQ", "LIN", "POLY", "ILIN", "IPOLY", "NORM")
 
-CALIBRATION_FORMAT = "impatient_ros.timing"
-CALIBRATION_VERSION = 1
-CALIBRATION_KEYS: tuple[str, ...] = ("mean_ms", "p50_ms", "p99_ms")
+# Which per-stage statistic a calibration's ready times are built from (impatient_ros.core.calibration).
+CALIBRATION_KEYS: tuple[str, ...] = READY_TIME_KEYS
 
 
 class BudgetError(ValueError):
@@ -552,53 +553,31 @@ def budget_weights(dist: BudgetDistribution, ready_times_ms: Sequence[float] | n
 # --------------------------------------------------------------------------- calibration
 
 
-def ready_times_from_calibration(path: str | Path, key: str = "mean_ms") -> np.ndarray:
-    """Exit ready times t_k (ms) from a timing calibration JSON file.
+def ready_times_from_calibration(path: str | Path, key: str = DEFAULT_KEY) -> np.ndarray:
+    """Anytime exit ready times t_k (ms) from a timing calibration JSON file, for Eq. 5.
 
-    The engine's timing file (``format`` ``impatient_ros.runtime.timing``, version 1) lists
-    each stage's own latency (block + head); t_k is the cumulative sum over
-    stages 1..k of ``key`` (``mean_ms``, ``p50_ms`` or ``p99_ms``). Summing
-    per-stage p99 gives a pessimistic bound, not the p99 of the sum.
+    The file is the engine's (``impatient_ros.core.calibration``); t_k is the one
+    definition of :mod:`impatient_ros.core.ready_times`: t_k = sum_{j<=k}
+    (block_j + head_j), each part summarised by ``key``'s statistic: ``p50_ms``
+    (the median of its samples, the default everywhere), ``mean_ms`` or
+    ``p99_ms`` (summed, a pessimistic bound rather than the p99 of the sum). A
+    file without samples contributes its per-stage summary ``key`` instead.
     A plain JSON list is taken as the ready times themselves.
     """
     path = Path(path)
     if key not in CALIBRATION_KEYS:
         raise BudgetError(f"unknown calibration key {key!r}; valid: {', '.join(CALIBRATION_KEYS)}")
-    if not path.is_file():
-        raise BudgetError(f"calibration file not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BudgetError(f"{path}: not valid JSON ({exc})") from None
-
-    if isinstance(data, list):
-        if any(isinstance(v, (bool, str)) or not isinstance(v, (int, float)) for v in data):
-            raise BudgetError(f"{path}: a plain list must hold ready times in ms (numbers)")
-        return check_ready_times(data)
-    if not isinstance(data, dict):
-        raise BudgetError(f"{path}: expected a timing calibration object or a list of ready times")
-    if data.get("format") != CALIBRATION_FORMAT:
-        raise BudgetError(f"{path}: format is {data.get('format')!r}, expected {CALIBRATION_FORMAT!r}")
-    if data.get("version") != CALIBRATION_VERSION:
-        raise BudgetError(f"{path}: unsupported timing file version {data.get('version')!r} "
-                          f"(this code reads version {CALIBRATION_VERSION}); re-run the calibration")
-    stages = data.get("stages")
-    if not isinstance(stages, list) or not stages:
-        raise BudgetError(f"{path}: 'stages' must be a non-empty list")
-    try:
-        ordered = sorted(stages, key=lambda s: int(s["stage"]))
-    except (KeyError, TypeError, ValueError):
-        raise BudgetError(f"{path}: every stage entry needs an integer 'stage' number") from None
-    numbers = [int(s["stage"]) for s in ordered]
-    if numbers != list(range(1, len(ordered) + 1)):
-        raise BudgetError(f"{path}: stage numbers must be 1..{len(ordered)} without gaps, got {numbers}")
-    latencies = []
-    for s in ordered:
-        value = s.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise BudgetError(f"{path}: stage {s['stage']} has {key}={value!r}; need a finite latency > 0 ms")
-        latencies.append(float(value))
-    return check_ready_times(np.cumsum(latencies))
+        data = load_json(path)
+        if isinstance(data, list):
+            if any(isinstance(v, (bool, str)) or not isinstance(v, (int, float)) for v in data):
+                raise BudgetError(f"{path}: a plain list must hold ready times in ms (numbers)")
+            return check_ready_times(data)
+        if not isinstance(data, dict):
+            raise BudgetError(f"{path}: expected a timing calibration object or a list of ready times")
+        return check_ready_times(parse_calibration(data, source=f"calibration file {path}").ready_times(key))
+    except CalibrationError as exc:
+        raise BudgetError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- evaluation

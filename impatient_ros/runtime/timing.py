@@ -10,40 +10,43 @@ the most recent measurements per stage and part and every engine run feeds it.
 Stages are 0-based in this API (as in the model contract) and 1-based in the
 calibration file (as in the ROS messages).
 
-Calibration file (JSON)::
-
-    {"format": "impatient_ros.timing", "version": 1,
-     "device": "cpu", "input_size": [H, W],
-     "stages": [{"stage": 1, "mean_ms": .., "p50_ms": .., "p99_ms": .., "samples": n,
-                 "block_mean_ms": .., "head_mean_ms": ..,
-                 "block_samples_ms": [...], "head_samples_ms": [...]}, ...]}
-
-``mean_ms``/``p50_ms``/``p99_ms`` describe block + head of that stage alone, so a
-reader that only wants ready times (e.g. an offline report) can take the cumulative
-sum of ``mean_ms``. The raw sample lists are what :meth:`TimingModel.load` restores.
+The calibration file (JSON, "impatient_ros.timing" version 1) is read, validated
+and written by :mod:`impatient_ros.core.calibration`, the one owner of that format
+(training and evaluation read it there too); its raw sample lists are what
+:meth:`TimingModel.load` restores. Ready times for reports and Eq. 5 come from
+:mod:`impatient_ros.core.ready_times`, not from this model's admission quantiles.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-FORMAT = "impatient_ros.timing"
-VERSION = 1
+from impatient_ros.core.calibration import (
+    FORMAT,
+    VERSION,
+    Calibration,
+    CalibrationError,
+    StageTiming,
+    parse_calibration,
+    read_calibration,
+    write_calibration,
+)
 
 __all__ = ["FORMAT", "VERSION", "TimingError", "TimingModel"]
 
 
 class TimingError(ValueError):
-    """Raised for missing timings (calibrate first) or a bad/mismatched calibration file."""
+    """Raised for missing timings (calibrate first) or a bad/mismatched calibration file.
+
+    Calibration-file problems are the core reader's CalibrationError, re-raised as this type
+    with the same message.
+    """
 
 
 class _Window:
@@ -240,49 +243,48 @@ class TimingModel:
         return rows
 
     # ------------------------------------------------------------------ file I/O
-    def to_dict(self) -> dict[str, Any]:
-        """The calibration file content (see the module docstring)."""
+    def to_calibration(self) -> Calibration:
+        """The calibration document of this model (impatient_ros.core.calibration)."""
         if not self.is_calibrated:
             raise TimingError("cannot save an uncalibrated timing model: every stage needs block and head samples "
                               "(run StagedEngine.calibrate() first)")
         stages = []
-        for row, block, head in zip(self.summary(), self._block, self._head):
-            stages.append({
-                "stage": row["stage"],
-                "mean_ms": row["mean_ms"],
-                "p50_ms": row["p50_ms"],
-                "p90_ms": row["p90_ms"],
-                "p99_ms": row["p99_ms"],
-                "samples": row["samples"],
-                "block_mean_ms": 1e3 * block.mean(),
-                "head_mean_ms": 1e3 * head.mean(),
-                "block_samples_ms": [1e3 * v for v in block],
-                "head_samples_ms": [1e3 * v for v in head],
-                "stage_samples_ms": [1e3 * v for v in self._stage[row["stage"] - 1]],
-                "path_samples_ms": [1e3 * v for v in self._path[row["stage"] - 1]],
-            })
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "device": self.device,
-            "input_size": None if self.input_size is None else list(self.input_size),
-            "stages": stages,
-        }
+        for k, row in enumerate(self.summary()):
+            summary = {key: row[key] for key in ("mean_ms", "p50_ms", "p90_ms", "p99_ms", "samples")}
+            summary["block_mean_ms"] = 1e3 * self._block[k].mean()
+            summary["head_mean_ms"] = 1e3 * self._head[k].mean()
+            stages.append(StageTiming(
+                stage=k + 1,
+                block_ms=tuple(1e3 * v for v in self._block[k]),
+                head_ms=tuple(1e3 * v for v in self._head[k]),
+                stage_ms=tuple(1e3 * v for v in self._stage[k]),
+                path_ms=tuple(1e3 * v for v in self._path[k]),
+                summary=summary,
+            ))
+        return Calibration(tuple(stages), device=self.device, input_size=self.input_size, source="timing model")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The calibration file content (see impatient_ros.core.calibration)."""
+        return self.to_calibration().to_dict()
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the calibration file atomically (temp file + rename) and return its path."""
-        path = Path(path)
-        text = json.dumps(self.to_dict(), indent=1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write the calibration file atomically (impatient_ros.core.atomic) and return its path."""
+        return write_calibration(path, self.to_calibration())
+
+    @classmethod
+    def from_calibration(cls, calibration: Calibration, *, window: int = 256) -> TimingModel:
+        """A model holding the latest ``window`` samples of every window of a validated calibration."""
+        if not calibration.has_samples:
+            raise TimingError(f"{calibration.source} has no block and head samples to rebuild a timing model from; "
+                              "re-run the calibration")
+        model = cls(calibration.num_stages, window=window, device=calibration.device,
+                    input_size=calibration.input_size)
+        for k, stage in enumerate(calibration.stages):
+            for part, values in (("block", stage.block_ms), ("head", stage.head_ms),
+                                 ("stage", stage.stage_ms), ("path", stage.path_ms)):
+                for value in values[-window:]:
+                    model._add(part, k, value / 1e3)
+        return model
 
     @classmethod
     def from_dict(
@@ -301,49 +303,12 @@ class TimingModel:
         file; latencies measured on another device or input size would make the
         admission decisions wrong, so a mismatch is an error, not a warning.
         """
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise TimingError(f"{source} is not an impatient_ros timing calibration "
-                              f"(expected \"format\": \"{FORMAT}\")")
-        if data.get("version") != VERSION:
-            raise TimingError(f"{source} has calibration version {data.get('version')!r}; this code reads "
-                              f"version {VERSION}: re-run the calibration")
-        stages = data.get("stages")
-        if not isinstance(stages, list) or not stages:
-            raise TimingError(f"{source} has no \"stages\" list")
-        if num_stages is not None and len(stages) != num_stages:
-            raise TimingError(f"{source} describes {len(stages)} stages but the network has {num_stages}: "
-                              "it belongs to another network; re-run the calibration")
-        file_device = str(data.get("device", "unknown"))
-        if device is not None and file_device != device:
-            raise TimingError(f"{source} was measured on device {file_device!r}, not {device!r}: "
-                              "re-run the calibration on this device")
-        file_size = data.get("input_size")
-        if file_size is not None:
-            if not (isinstance(file_size, list) and len(file_size) == 2 and all(isinstance(v, int) for v in file_size)):
-                raise TimingError(f"{source}: \"input_size\" must be [H, W], got {file_size!r}")
-            file_size = (file_size[0], file_size[1])
-        if input_size is not None and file_size != tuple(input_size):
-            raise TimingError(f"{source} was measured at input size {file_size} but the network takes "
-                              f"{tuple(input_size)}: re-run the calibration")
-        model = cls(len(stages), window=window, device=file_device, input_size=file_size)
-        for index, entry in enumerate(stages):
-            if not isinstance(entry, dict) or entry.get("stage") != index + 1:
-                raise TimingError(f"{source}: stage entry {index} must be an object with \"stage\": {index + 1}")
-            # Block and head samples are required; the sums measured within one run are optional
-            # (files written before they existed lack them).
-            for part, required in (("block", True), ("head", True), ("stage", False), ("path", False)):
-                key = f"{part}_samples_ms"
-                values = entry.get(key, None if required else [])
-                if required and (not isinstance(values, list) or not values):
-                    raise TimingError(f"{source}: stage {index + 1} needs a non-empty \"{key}\" list")
-                if not isinstance(values, list):
-                    raise TimingError(f"{source}: stage {index + 1} \"{key}\" must be a list")
-                for value in values[-window:]:
-                    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                        raise TimingError(f"{source}: stage {index + 1} \"{key}\" holds {value!r}, "
-                                          "not a time >= 0 ms")
-                    model._add(part, index, value / 1e3)
-        return model
+        try:
+            calibration = parse_calibration(data, source=source, require_samples=True)
+            calibration.check(num_stages=num_stages, device=device, input_size=input_size)
+        except CalibrationError as exc:
+            raise TimingError(str(exc)) from None
+        return cls.from_calibration(calibration, window=window)
 
     @classmethod
     def load(
@@ -356,15 +321,12 @@ class TimingModel:
         window: int = 256,
     ) -> TimingModel:
         """Read a calibration file written by :meth:`save` (see :meth:`from_dict` for the checks)."""
-        path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TimingError(f"calibration file {path} does not exist: run the calibration first") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TimingError(f"calibration file {path} cannot be read as JSON: {exc}") from exc
-        return cls.from_dict(data, num_stages=num_stages, device=device, input_size=input_size,
-                             window=window, source=f"calibration file {path}")
+            calibration = read_calibration(path, require_samples=True)
+            calibration.check(num_stages=num_stages, device=device, input_size=input_size)
+        except CalibrationError as exc:
+            raise TimingError(str(exc)) from None
+        return cls.from_calibration(calibration, window=window)
 
     # ------------------------------------------------------------------ helpers
     def _check_stage(self, stage: int) -> None:
