@@ -129,7 +129,8 @@ def main() -> int:
     rows = []
     for k, acc in enumerate(test_acc):
         v = f"{100 * val_acc[k]:.2f}" if k < len(val_acc) else "-"
-        c = f"{cost['mean_ms'][k]:.3f}" if cost.get("mean_ms") else "-"
+        ready = cost.get("anytime_ms") or cost.get("mean_ms")  # anytime_ms: the median-based t_k (older: means)
+        c = f"{ready[k]:.3f}" if ready else "-"
         rows.append(f"| {k + 1} | {100 * acc:.2f} | {v} | {c} |")
     bench_command = "python bench/train_default.py " + shlex.join(sys.argv[1:])
     report = f"""# Default model: {cfg.model.backbone} on Fashion-MNIST

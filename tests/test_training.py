@@ -175,12 +175,22 @@ def test_distillation_and_eq5_budget_run(tmp_path: Path, caplog: pytest.LogCaptu
 
 
 def test_measure_exit_cost_is_cumulative() -> None:
+    from impatient_ros.core.ready_times import anytime_ready_times, apriori_ready_times
+    from impatient_ros.runtime.fusion import FusedHead
     from impatient_ros.runtime.model import NetConfig, build_network
 
     net = build_network(NetConfig(backbone="smallcnn_tiny", num_classes=3, in_channels=1, input_size=(28, 28)))
     cost = measure_exit_cost(net, torch.device("cpu"), reps=3, warmup=1)
+    # The one definition of ready times, from the median of each part (impatient_ros.core.ready_times).
+    assert cost["statistic"] == "median" and len(cost["block_ms"]) == len(cost["head_ms"]) == net.num_stages
+    assert cost["anytime_ms"] == pytest.approx(anytime_ready_times(cost["block_ms"], cost["head_ms"]).tolist())
+    assert cost["apriori_ms"] == pytest.approx(apriori_ready_times(cost["block_ms"], cost["head_ms"]).tolist())
+    assert cost["p50_ms"] == pytest.approx(cost["anytime_ms"])
     assert cost["mean_ms"] == pytest.approx(torch.tensor(cost["stage_mean_ms"]).cumsum(0).tolist())
-    assert net.training  # mode restored
+    # Measured through the engine (fused heads, its device label) on a copy: the network is untouched.
+    assert cost["device"].startswith("cpu|fp32") and len(cost["heads"]) == net.num_stages
+    assert not any(k.endswith("(unchanged)") for k in cost["heads"])  # the heads timed were the fused ones
+    assert net.training and not any(isinstance(h, FusedHead) for h in net.heads)
 
 
 # --------------------------------------------------------------------------- config
