@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +142,19 @@ def test_mode_parsing():
     assert Mode.parse("a-priori") is Mode.APRIORI and Mode.parse(Mode.CASCADE) is Mode.CASCADE
     with pytest.raises(EngineError, match="valid modes: anytime, apriori, cascade"):
         Mode.parse("greedy")
+
+
+def test_result_types_live_in_the_torch_free_core():
+    from impatient_ros.core import results
+
+    assert (Mode, StopReason, EngineError) == (results.Mode, results.StopReason, results.EngineError)
+    # The node's pure helpers and the tools use them without paying for torch.
+    code = ("import sys; import impatient_ros.core.results, impatient_ros.ros.messages, impatient_ros.ros.diagnostics, "
+            "impatient_ros.tools.monitor_stats; bad = [m for m in sys.modules if m.split('.')[0] == 'torch'];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_stop_reason_values_match_message_constants():
@@ -330,6 +346,40 @@ def test_absent_cuda_falls_back_or_raises(checkpoint, checkpoint_path):
     assert engine.device.type == "cpu"
     with pytest.raises(DeviceUnavailableError, match="cuda:1"):
         StagedEngine(load_checkpoint(checkpoint_path), "cuda:1", allow_cpu_fallback=False)
+
+
+def test_device_names_have_one_owner(monkeypatch):
+    # The engine falls back to the CPU, the trainer refuses: both through runtime.device.
+    from impatient_ros.runtime import device as device_module
+    from impatient_ros.runtime import engine as engine_module
+    from training.config import ConfigError
+    from training.distributed import DistContext
+    from training.trainer import resolve_device as trainer_device
+
+    assert engine_module.resolve_device is device_module.resolve_device
+    assert engine_module.DeviceUnavailableError is device_module.DeviceUnavailableError
+    assert issubclass(device_module.DeviceUnavailableError, EngineError)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA, also where there is one
+    with pytest.warns(DeviceFallbackWarning, match="CUDA is not available"):
+        assert device_module.resolve_device("cuda") == torch.device("cpu")
+    with pytest.raises(DeviceUnavailableError, match="CUDA is not available"):
+        device_module.resolve_device("cuda:0", allow_cpu_fallback=False)
+    assert trainer_device("auto") == trainer_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'cuda:1' asked for but CUDA is not available here; use --device cpu"):
+        trainer_device("cuda:1")
+    with pytest.raises(ConfigError, match="invalid device 'tpu'"):
+        trainer_device("tpu")
+    # Two GPUs (faked: only device objects are made): indices are checked; torchrun takes the local rank.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert trainer_device("auto") == trainer_device("cuda") == torch.device("cuda", 0)
+    assert trainer_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="only 2 CUDA device"):
+        trainer_device("cuda:2")
+    ddp = DistContext(rank=1, world_size=2, local_rank=1, backend="nccl")
+    assert trainer_device("auto", ddp) == trainer_device("cuda:7", ddp) == torch.device("cuda", 1)
+    assert trainer_device("cpu", ddp) == torch.device("cpu")
 
 
 def test_auto_device_and_bad_arguments(checkpoint, checkpoint_path):

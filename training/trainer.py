@@ -45,7 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from impatient_ros.core.results import EngineError
 from impatient_ros.runtime.checkpoint import load_checkpoint, save_checkpoint
+from impatient_ros.runtime.device import DeviceUnavailableError
+from impatient_ros.runtime.device import resolve_device as _resolve_device_name
 from impatient_ros.runtime.model import ImpatientNet, NetConfig, build_network
 from impatient_ros.core.atomic import atomic_write
 from impatient_ros.core.budget import expected_accuracy
@@ -89,16 +92,27 @@ RESUME_VERSION = 1
 
 
 def resolve_device(name: str, ctx: DistContext | None = None) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; under torchrun each process takes cuda:LOCAL_RANK."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "auto" and not torch.cuda.is_available():
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
-    if ctx is not None and ctx.enabled:
+    """``auto`` -> CUDA when available, else CPU; under torchrun each process takes cuda:LOCAL_RANK.
+
+    The name is resolved by :func:`impatient_ros.runtime.device.resolve_device`,
+    the package's one owner of device names, without its CPU fallback: a run
+    asked for CUDA must not silently train on the CPU. Errors are ConfigErrors.
+    """
+    distributed = ctx is not None and ctx.enabled
+    try:
+        device = _resolve_device_name(name, allow_cpu_fallback=False)
+    except DeviceUnavailableError:
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for but CUDA is not available here; use --device cpu") from None
+        if not distributed:
+            raise ConfigError(f"device {name!r} asked for but only {torch.cuda.device_count()} CUDA device(s) "
+                              "exist here; use --device cuda, cuda:N of an existing one, or cpu") from None
+        device = torch.device("cuda")  # torchrun: the local rank picks the GPU, whatever index was named
+    except EngineError as exc:
+        raise ConfigError(str(exc)) from None
+    if device.type == "cuda" and ctx is not None and ctx.enabled:
         return torch.device("cuda", ctx.local_rank)
-    return torch.device(name if name.startswith("cuda:") else "cuda")
+    return device
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from impatient_ros.core.results import StopReason
+
 __all__ = [
     "ERROR",
     "LATENCY_WINDOW",
@@ -47,8 +49,8 @@ OK, WARN, ERROR, STALE = 0, 1, 2, 3
 LATENCY_WINDOW = 256
 RECENT_FRAMES = 100           # window of the recent deadline hit rate
 WARN_HIT_RATE = 0.95          # recent hit rate below this: WARN
-STOP_NAMES = {0: "none", 1: "deadline", 2: "confident", 3: "max_stage", 4: "complete", 5: "error", 6: "no_time"}
-NO_TIME = 6  # impatient_ros.runtime.engine.StopReason.NO_TIME (this module does not import torch)
+STOP_NAMES = {int(reason): reason.name.lower() for reason in StopReason}  # 0 "none" .. 6 "no_time"
+NO_TIME = int(StopReason.NO_TIME)
 
 
 @dataclass(frozen=True)

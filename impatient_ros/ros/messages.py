@@ -24,6 +24,8 @@ import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from impatient_ros.core.results import StopReason
+
 __all__ = [
     "MAX_MESSAGE_STOP_REASON",
     "build_stage_prediction",
@@ -35,7 +37,7 @@ __all__ = [
     "stage_accuracy",
 ]
 
-MAX_MESSAGE_STOP_REASON = 5  # STOP_ERROR; values above (NO_TIME) never go on the wire
+MAX_MESSAGE_STOP_REASON = int(StopReason.ERROR)  # STOP_ERROR; values above (NO_TIME) never go on the wire
 _NANO = 1_000_000_000
 # int32 seconds of builtin_interfaces/Duration: clamp rather than overflow for "unlimited"-like values.
 _MAX_SEC = 2**31 - 1

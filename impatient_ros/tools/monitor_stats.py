@@ -37,6 +37,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from impatient_ros.core.results import StopReason
+
 __all__ = [
     "STOP_REASONS",
     "MonitorStats",
@@ -46,9 +48,10 @@ __all__ = [
     "write_summary",
 ]
 
-# Names of impatient_ros/StagePrediction's STOP_* constants, by value.
-STOP_REASONS: dict[int, str] = {0: "NONE", 1: "DEADLINE", 2: "CONFIDENT", 3: "MAX_STAGE", 4: "COMPLETE", 5: "ERROR"}
-_STOP_DEADLINE = 1
+# Names of impatient_ros/StagePrediction's STOP_* constants, by value (the engine's stop reasons that go
+# on the wire: NONE .. ERROR; NO_TIME never does).
+STOP_REASONS: dict[int, str] = {int(r): r.name for r in StopReason if r <= StopReason.ERROR}
+_STOP_DEADLINE = int(StopReason.DEADLINE)
 SUMMARY_FORMAT = "impatient_ros.monitor_summary"
 SUMMARY_VERSION = 1
 
