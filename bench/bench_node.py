@@ -83,7 +83,9 @@ def serve(trace_path: Path, ros_args: list[str]) -> int:
             frame = current.frame
             trace.append({"frame_id": frame.msg.header.frame_id, "arrival": frame.arrival,
                           "began": report.began_at, "stop": int(report.stop_reason),
-                          "stages": [[r.stage, r.elapsed_s, r.ready_time] for r in report.results]})
+                          # a repeated final answer ran no stage: one row per stage that ran
+                          "stages": [[r.stage, r.elapsed_s, r.ready_time] for r in report.results
+                                     if not r.repeated]})
             return report
 
         node._process, engine.run = process, run

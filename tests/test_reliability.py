@@ -623,6 +623,9 @@ def test_out_of_memory_in_a_stage_is_logged_counted_and_the_next_frame_served(in
     sent: list[Any] = []  # what goes out on ~/prediction (the real publisher still publishes it)
     real_publish = node._prediction_pub.publish
     monkeypatch.setattr(node._prediction_pub, "publish", lambda msg: (sent.append(msg), real_publish(msg))[1])
+    on_stage_1: list[Any] = []  # what goes out on the stage-1 topic
+    real_stage_1 = node._stage_pubs[0].publish
+    monkeypatch.setattr(node._stage_pubs[0], "publish", lambda msg: (on_stage_1.append(msg), real_stage_1(msg))[1])
     before = node._stats.snapshot()
     failing = _image_msg(gray_image(SMALL_SIZE, 2))
     failing.header.frame_id = "fails_at_stage_2"
@@ -637,6 +640,8 @@ def test_out_of_memory_in_a_stage_is_logged_counted_and_the_next_frame_served(in
     # the frame's final answer (STOP_ERROR), so no subscriber waits for stages that will never come.
     failed = [(m.stage, m.is_final, m.stop_reason) for m in sent if m.header.frame_id == "fails_at_stage_2"]
     assert failed == [(1, False, StagePrediction.STOP_NONE), (1, True, StagePrediction.STOP_ERROR)]
+    # The repeat (the engine's, StageResult.repeated) goes to ~/prediction only: the stage topic had stage 1.
+    assert [(m.stage, m.is_final) for m in on_stage_1 if m.header.frame_id == "fails_at_stage_2"] == [(1, False)]
     published = {k: after.stage_published.get(k, 0) - before.stage_published.get(k, 0) for k in range(1, K + 1)}
     # The next frame got every stage.
     assert published == {1: 3, 2: 1, 3: 1, 4: 1}

@@ -4,9 +4,9 @@ These types are shared by the engine (:mod:`impatient_ros.runtime.engine`, which
 re-exports them), the node's pure helpers (messages, diagnostics) and the
 tools, so they live here, free of torch and rclpy.
 
-Times (``ready_time``, ``began_at``, ``deadline``, ``started_at``) are
-``time.monotonic()`` seconds. Stage numbers are 1-based in results, as in the
-messages.
+Times (``ready_time``, ``began_at``, ``deadline``, ``started_at``) are seconds on
+the engine's clock (``time.monotonic`` unless the engine was given another one).
+Stage numbers are 1-based in results, as in the messages.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class StopReason(IntEnum):
     CONFIDENT = 2   # cascade: the 1-vs-2 ratio reached the threshold
     MAX_STAGE = 3   # the stage cap was reached
     COMPLETE = 4    # the last exit of the network was reached
-    ERROR = 5       # a later stage failed (set by the node when it announces the last answer as final)
+    ERROR = 5       # a later stage failed: the engine repeats the last answer as final, then raises
     NO_TIME = 6     # not even stage 1 fits the budget: nothing ran (engine only, no message value)
 
 
@@ -74,10 +74,15 @@ class StageResult:
     top_scores: list[float]    # their probabilities
     ratio_1v2: float           # p1 / max(p2, RATIO_EPSILON), >= 1
     probs: np.ndarray          # (num_classes,) float32 softmax probabilities
-    ready_time: float          # time.monotonic() when the answer was available on the host
+    ready_time: float          # engine clock when the answer was available on the host
     elapsed_s: float           # ready_time minus the start of the run (preprocessing included)
     is_final: bool             # no further result follows for this image
     stop_reason: StopReason    # StopReason.NONE unless is_final
+    # Re-announces the previous exit as final; no new stage ran. The engine hands one over when
+    # it had handed that exit over as not final and then could not go on: the next stage no longer
+    # fitted (DEADLINE) or a stage or the callback raised (ERROR). Every field but is_final,
+    # stop_reason and repeated is the previous result's.
+    repeated: bool = False
 
 
 @dataclass
@@ -87,9 +92,14 @@ class RunReport:
     ``predicted_s[i]``/``actual_s[i]``/``started_at[i]`` belong to ``results[i]``:
     the admission prediction (seconds, at the admission quantile; NaN for a run
     without deadline before any timing exists), the measured time of that
-    stage's block + head (a-priori: of blocks 0..k + head k; CPU wall clock,
-    CUDA events on a GPU), and when it started (``time.monotonic()``; on CUDA
-    with queued stages, the predicted moment the device begins it).
+    stage's block + head (a-priori: of blocks 0..k + head k; the engine's clock
+    on the CPU, CUDA events on a GPU), and when it started (engine clock; on CUDA
+    with queued stages, the predicted moment the device begins it). For a
+    repeated result (``StageResult.repeated``) no stage ran: its prediction is
+    NaN, its measured time 0 and its start the moment it was handed over.
+
+    Exactly one result is final (``is_final``), the last one, unless nothing
+    ran (NO_TIME) and ``results`` is empty.
     """
 
     mode: Mode
@@ -99,13 +109,14 @@ class RunReport:
     predicted_s: list[float]
     actual_s: list[float]
     started_at: list[float]
-    began_at: float            # time.monotonic() when run() was called
-    deadline: float | None     # time.monotonic() seconds, None = unlimited
+    began_at: float            # engine clock when run() was called
+    deadline: float | None     # engine clock seconds, None = unlimited
     overran: bool              # the last answer was ready after the deadline
     overrun_s: float           # by how much (0 if not)
-    # False only if the on_result callback took so much longer than its recent maximum that the
-    # next stage no longer fitted after a result was already handed over as not final.
-    final_announced: bool = True
+    # True when the final answer repeats the exit before it (StageResult.repeated): the on_result
+    # callback took so much longer than its recent maximum that the next stage no longer fitted
+    # after that exit had been handed over as not final.
+    final_repeated: bool = False
     probed_stage: int | None = None   # 0-based stage measured after the run (see StagedEngine.probe_interval_s)
 
     @property

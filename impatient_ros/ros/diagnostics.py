@@ -151,8 +151,9 @@ class NodeStats:
 
         ``stop_reason`` is the engine's StopReason value (6 = NO_TIME), ``deadline``
         and ``final_published_at`` are monotonic seconds (None = unlimited /
-        nothing published). ``repaired_final``: the node had to announce the final
-        message itself (see node.py).
+        nothing published). ``repaired_final``: the final message repeated an earlier
+        exit because the next stage no longer fitted after it went out as not final
+        (``RunReport.final_repeated``); counted as ``final_announcements_repaired``.
         """
         with self._lock:
             self._processed += 1

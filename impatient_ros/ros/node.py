@@ -501,15 +501,17 @@ class ImpatientNode(LifecycleNode):
         engine.admission_quantile = settings.admission_quantile
         engine.top_k = min(settings.top_k, engine.num_classes)
         published_at: list[float] = []
-        last: list[Any] = []  # the last result published for this frame
 
-        def publish(result: Any, stage_topic: bool = True) -> None:
+        # The engine hands over exactly one final result per frame. A repeated one (the previous exit
+        # re-announced as final: no time for the next stage after all, or a later stage failed) goes
+        # to ~/prediction only: that exit's stage topic already has it.
+        def publish(result: Any) -> None:
             latency = time.monotonic() - ref.monotonic
             out = build_stage_prediction(
                 StagePrediction, result, header=msg.header, image_seq=seq, labels=labels,
                 accuracy=stage_accuracy(accuracy, result.stage), latency_s=latency, budget_s=budget.budget_s)
             try:
-                if stage_topic:
+                if not result.repeated:
                     self._stage_pubs[result.stage - 1].publish(out)
                 self._prediction_pub.publish(out)
             except Exception as exc:  # noqa: BLE001 - e.g. a saturated reliable writer; keep inferring
@@ -518,7 +520,6 @@ class ImpatientNode(LifecycleNode):
                     self.get_logger().warning(f"could not publish stage {result.stage}: {exc}")
                 return
             published_at.append(time.monotonic())
-            last[:] = [result]
             self._stats.stage_published(result.stage, latency)
 
         try:
@@ -530,17 +531,9 @@ class ImpatientNode(LifecycleNode):
             if self._log_throttle.ready("preprocess_failed"):
                 self.get_logger().warning(f"image rejected by preprocessing: {exc}")
             return
-        except Exception:
-            # A later stage failed (e.g. out of GPU memory) after earlier answers went out: tell the
-            # subscribers that the last one is final, so no one waits for the rest of this frame.
-            if last and not last[0].is_final:
-                publish(dataclasses.replace(last[0], is_final=True, stop_reason=StopReason.ERROR), stage_topic=False)
-            raise
-        repaired = False
-        if report.results and not report.final_announced:
-            last = report.results[-1]
-            publish(dataclasses.replace(last, is_final=True, stop_reason=StopReason.DEADLINE), stage_topic=False)
-            repaired = True
+        # Any other error (e.g. out of GPU memory in a later stage) propagates to the worker loop, which
+        # counts and logs it; if an answer had gone out, the engine already handed publish() its final
+        # STOP_ERROR repeat.
         if report.stop_reason is StopReason.NO_TIME and self._log_throttle.ready("no_time"):
             age_ms = 1e3 * (report.began_at - ref.monotonic)
             first_ms = self._predicted_ms[0] if self._predicted_ms else math.nan
@@ -548,7 +541,7 @@ class ImpatientNode(LifecycleNode):
                 f"no time for stage 1: budget {budget.budget_ms:.3f} ms ({budget.source}), image {age_ms:.1f} ms "
                 f"old at start, stage 1 needs {first_ms:.2f} ms; nothing published")
         self._stats.frame_processed(int(report.stop_reason), deadline, published_at[-1] if published_at else None,
-                                    repaired)
+                                    report.final_repeated)
         self._update_predictions(engine)
 
 

@@ -22,6 +22,15 @@ Rules that hold in every mode:
 * Every run's measured block and head times update the timing model (online,
   sliding window), so the model follows thermal and load drift.
 * Stage numbers are 1-based in results (as in the messages), 0-based in code.
+* Every run that hands over any answer hands over exactly one final one
+  (``is_final``), the last. When an exit went out as not final and the run
+  cannot go on (the ``on_result`` callback took so long that the next stage no
+  longer fits, or a stage or the callback raised), the engine hands that exit
+  over once more as a *repeated* final answer (``StageResult.repeated``, stop
+  reason DEADLINE or ERROR; after an error it then re-raises the error).
+* Time is read from the engine's ``clock`` (``time.monotonic`` by default):
+  deadlines, ready times and measured CPU stage times are in that clock's
+  seconds. Tests pass a fake clock to run the real network with known costs.
 
 ``ratio_1v2`` is ``p1 / max(p2, 1e-12)``: the clamp keeps the ratio finite
 when the runner-up probability underflows to zero in float32.
@@ -41,6 +50,7 @@ The engine is not thread-safe: one run at a time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -86,6 +96,7 @@ RATIO_EPSILON = 1e-12  # floor for the runner-up probability in ratio_1v2
 # measurements miss; used until calibrate() measures it on the actual machine.
 _DEFAULT_CUDA_OVERHEAD_S = 50e-6
 
+Clock = Callable[[], float]  # what StagedEngine(clock=...) takes: seconds, never going back
 
 
 @dataclass
@@ -112,7 +123,7 @@ def _exit_probs(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 class _CpuExecutor:
-    """Runs the eager network synchronously; wall-clock times per block and head.
+    """Runs the eager network synchronously; times per block and head on the engine's clock.
 
     Calls the blocks and heads directly (the engine validated the stage index
     once): on a 1 ms network every per-exit call that is not arithmetic shows.
@@ -120,8 +131,9 @@ class _CpuExecutor:
 
     is_async = False
 
-    def __init__(self, net: torch.nn.Module) -> None:
+    def __init__(self, net: torch.nn.Module, clock: Clock = time.monotonic) -> None:
         self.net = net
+        self._clock = clock
         self._blocks = list(net.blocks)
         self._heads = list(net.heads)
         self._h: torch.Tensor | None = None
@@ -130,23 +142,25 @@ class _CpuExecutor:
         self._h = x
 
     def launch(self, k: int) -> _StageOutput:
-        t0 = time.monotonic()
+        clock = self._clock
+        t0 = clock()
         self._h = self._blocks[k](self._h)
-        t1 = time.monotonic()
+        t1 = clock()
         probs = _exit_probs(self._heads[k], self._h).numpy()
-        t2 = time.monotonic()
+        t2 = clock()
         return _StageOutput(k, probs, [(k, t1 - t0)], t2 - t1, t2)
 
     def launch_exit(self, k: int) -> _StageOutput:
         blocks = []
         h = self._h
+        clock = self._clock
         for j in range(k + 1):
-            t0 = time.monotonic()
+            t0 = clock()
             h = self._blocks[j](h)
-            blocks.append((j, time.monotonic() - t0))
-        t1 = time.monotonic()
+            blocks.append((j, clock() - t0))
+        t1 = clock()
         probs = _exit_probs(self._heads[k], h).numpy()
-        t2 = time.monotonic()
+        t2 = clock()
         return _StageOutput(k, probs, blocks, t2 - t1, t2)
 
     @staticmethod
@@ -164,14 +178,16 @@ class _CudaExecutor:
     Each exit ends with a non-blocking copy of its probabilities into a pinned
     host buffer and a CUDA event; ``wait`` blocks on that event only, so work
     queued after it keeps the device busy. Block and head times come from CUDA
-    events (device time, not host time).
+    events (device time, not host time); only the ready time is read from the
+    engine's clock.
     """
 
     is_async = True
 
     def __init__(self, net: torch.nn.Module, input_shape: Sequence[int], dtype: torch.dtype,
-                 device: torch.device, use_graphs: bool) -> None:
+                 device: torch.device, use_graphs: bool, clock: Clock = time.monotonic) -> None:
         self.net = net
+        self._clock = clock
         self.device = device
         k_total = net.num_stages
         num_classes = net.config.num_classes
@@ -273,7 +289,7 @@ class _CudaExecutor:
 
     def wait(self, k: int) -> _StageOutput:
         self._ev_ready[k].synchronize()
-        ready = time.monotonic()
+        ready = self._clock()
         probs = self._pinned[k].numpy().copy()  # the buffer is reused by the next image
         blocks = [(j, self._ev_start[j].elapsed_time(self._ev_mid[j]) / 1e3) for j in self._exit_blocks[k]]
         head_s = self._ev_mid[k].elapsed_time(self._ev_ready[k]) / 1e3
@@ -292,6 +308,11 @@ class StagedEngine:
     ``timing`` may be a model calibrated earlier; otherwise an empty one is made
     and :meth:`calibrate` or :meth:`load_calibration` must run before a run with
     a deadline. ``online_update`` feeds every run's measurements into it.
+
+    ``clock`` is where the engine reads the time: deadlines, ready times, start
+    times and the CPU's measured stage times are in its seconds (``time.monotonic``
+    by default, so a deadline is a ``time.monotonic()`` value). Tests pass a fake
+    clock that the network's own forward hooks advance by known amounts.
     """
 
     def __init__(
@@ -308,6 +329,7 @@ class StagedEngine:
         online_update: bool = True,
         probe_interval_s: float = 0.2,
         fuse_heads: bool = True,
+        clock: Clock = time.monotonic,
     ) -> None:
         if not 0.0 < admission_quantile <= 1.0:
             raise EngineError(f"admission_quantile must lie in (0, 1], got {admission_quantile}")
@@ -328,6 +350,7 @@ class StagedEngine:
         # only (its answer is discarded, the frame's answers are already out), at most
         # once per probe_interval_s per stage; 0 disables it.
         self.probe_interval_s = float(probe_interval_s)
+        self.clock = clock
         self._last_measured: list[float] = []
         self.net = checkpoint.net
         self.num_stages: int = self.net.num_stages
@@ -351,9 +374,9 @@ class StagedEngine:
         with self._device_scope(), torch.inference_mode():
             if self.device.type == "cuda":
                 self._executor: _CpuExecutor | _CudaExecutor = _CudaExecutor(
-                    self.net, self.preprocessor.output_shape, dtype, self.device, cuda_graphs)
+                    self.net, self.preprocessor.output_shape, dtype, self.device, cuda_graphs, clock)
             else:
-                self._executor = _CpuExecutor(self.net)
+                self._executor = _CpuExecutor(self.net, clock)
         self.cuda_graphs = bool(getattr(self._executor, "graphs", False))
         self.device_label = self._describe_device()
         self.overhead_s = _DEFAULT_CUDA_OVERHEAD_S if self.device.type == "cuda" else 0.0
@@ -387,7 +410,7 @@ class StagedEngine:
             for i in range(warmup + iterations):
                 self._start(x)
                 for k in range(self.num_stages):
-                    t0 = time.monotonic()
+                    t0 = self.clock()
                     out = self._executor.wait(self._executor.launch(k))  # one stage at a time
                     if i >= warmup:  # calibration always records, whatever online_update says
                         self._record(out, force=True)
@@ -430,13 +453,16 @@ class StagedEngine:
         cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
         on_result: Callable[[StageResult], Any] | None = None,
     ) -> RunReport:
-        """Classify one camera image under ``deadline`` (``time.monotonic()`` seconds; None = unlimited).
+        """Classify one camera image under ``deadline`` (seconds on the engine's clock; None = unlimited).
 
         ``max_stage`` caps the exits (1-based; None or 0 = no cap). ``on_result``
-        is called with each :class:`StageResult` as soon as it is ready. The
-        preprocessing time counts against the deadline.
+        is called with each :class:`StageResult` as soon as it is ready; the last
+        one it gets has ``is_final`` set, also when a stage or ``on_result`` itself
+        raises after an answer went out (a repeated final answer, stop reason
+        ERROR, then the error propagates). The preprocessing time counts against
+        the deadline.
         """
-        began = time.monotonic()
+        began = self.clock()
         with self._device_scope(), torch.inference_mode():
             x = self.preprocessor(image, channel_order)
         return self._run(x, began, deadline, mode, max_stage, cascade_threshold, on_result)
@@ -452,7 +478,7 @@ class StagedEngine:
         on_result: Callable[[StageResult], Any] | None = None,
     ) -> RunReport:
         """:meth:`run` on an already preprocessed ``(1, C, H, W)`` tensor (benchmarks, tests)."""
-        began = time.monotonic()
+        began = self.clock()
         expected = self.preprocessor.output_shape
         if tuple(x.shape) != expected:
             raise EngineError(f"input must have shape {expected}, got {tuple(x.shape)}")
@@ -473,14 +499,18 @@ class StagedEngine:
                            actual_s=[], started_at=[], began_at=began, deadline=deadline, overran=False,
                            overrun_s=0.0)
         with self._device_scope(), torch.inference_mode():
-            self._start(x)
-            if mode is Mode.APRIORI:
-                self._run_apriori(report, cap, on_result)
-            elif self._executor.is_async and mode is Mode.ANYTIME:
-                self._run_queued(report, cap, on_result)
-            else:
-                threshold = cascade_threshold if mode is Mode.CASCADE else math.inf
-                self._run_stepwise(report, cap, threshold, on_result)
+            try:
+                self._start(x)
+                if mode is Mode.APRIORI:
+                    self._run_apriori(report, cap, on_result)
+                elif self._executor.is_async and mode is Mode.ANYTIME:
+                    self._run_queued(report, cap, on_result)
+                else:
+                    threshold = cascade_threshold if mode is Mode.CASCADE else math.inf
+                    self._run_stepwise(report, cap, threshold, on_result)
+            except Exception:
+                self._final_after_error(report, on_result)
+                raise
             self._probe_refused_stage(report)
         if deadline is not None and report.results:
             report.overrun_s = max(0.0, report.results[-1].ready_time - deadline)
@@ -490,13 +520,13 @@ class StagedEngine:
     def _run_stepwise(self, report: RunReport, cap: int, threshold: float,
                       on_result: Callable[[StageResult], Any] | None) -> None:
         """Anytime/cascade, one stage after the other (CPU, and CUDA cascade: it needs each answer first)."""
-        predicted = self._admit(0, time.monotonic(), report.deadline)
+        predicted = self._admit(0, self.clock(), report.deadline)
         if predicted is None:
             report.stop_reason = StopReason.NO_TIME
             return
         k = 0
         while True:
-            started = time.monotonic()
+            started = self.clock()
             out = self._executor.wait(self._executor.launch(k))
             self._record(out)
             ranking = _rank(out.probs, self.top_k)
@@ -509,23 +539,27 @@ class StagedEngine:
                 stop = StopReason.MAX_STAGE
             else:
                 # The callback runs before the next stage: reserve its recent maximum duration.
-                next_predicted = self._admit(k + 1, time.monotonic() + self._callback_estimate(), report.deadline)
+                next_predicted = self._admit(k + 1, self.clock() + self._callback_estimate(), report.deadline)
                 stop = StopReason.NONE if next_predicted is not None else StopReason.DEADLINE
             self._emit(report, out, ranking, stop, predicted, started, [k], on_result)
             if stop is not StopReason.NONE:
                 return
-            # Re-check after the callback: a stage starts only if it still fits now.
-            next_predicted = self._admit(k + 1, time.monotonic(), report.deadline)
+            # Re-check after the callback: a stage starts only if it still fits now. If it does not,
+            # exit k already went out as not final: hand it over again as the final answer.
+            next_predicted = self._admit(k + 1, self.clock(), report.deadline)
             if next_predicted is None:
-                report.stop_reason = StopReason.DEADLINE
-                report.final_announced = False
+                self._hand_over(self._repeat_final(report, StopReason.DEADLINE), on_result)
                 return
             k += 1
             predicted = next_predicted
 
     def _run_queued(self, report: RunReport, cap: int, on_result: Callable[[StageResult], Any] | None) -> None:
-        """Anytime on CUDA: queue stage k+1 before waiting for exit k, so the device never idles."""
-        now = time.monotonic()
+        """Anytime on CUDA: queue stage k+1 before waiting for exit k, so the device never idles.
+
+        The decision to go on is taken before exit k is handed over, and a queued
+        stage always runs: a slow callback cannot leave a non-final answer last.
+        """
+        now = self.clock()
         predicted = self._admit(0, now, report.deadline)
         if predicted is None:
             report.stop_reason = StopReason.NO_TIME
@@ -540,7 +574,7 @@ class StagedEngine:
             elif k + 1 >= cap:
                 stop = StopReason.MAX_STAGE
             else:
-                now = time.monotonic()
+                now = self.clock()
                 # The device starts stage k+1 when exit k is done: now if it already is,
                 # else (conservatively) when exit k is predicted to be ready.
                 next_started = now if self._executor.done(handle) else max(now, predicted_ready)
@@ -557,7 +591,7 @@ class StagedEngine:
 
     def _run_apriori(self, report: RunReport, cap: int, on_result: Callable[[StageResult], Any] | None) -> None:
         """Pick the deepest exit whose blocks 0..k + head k fit the remaining time; run only that."""
-        now = time.monotonic()
+        now = self.clock()
         chosen, predicted = None, math.nan
         if report.deadline is None:
             chosen = cap - 1
@@ -572,7 +606,7 @@ class StagedEngine:
         if chosen is None:
             report.stop_reason = StopReason.NO_TIME
             return
-        started = time.monotonic()
+        started = self.clock()
         out = self._executor.wait(self._executor.launch_exit(chosen))
         self._record(out)
         if chosen == self.num_stages - 1:
@@ -631,7 +665,7 @@ class StagedEngine:
             k = report.stages_run  # the executor holds block k-1's output: stage k can run next
         else:
             return
-        if k >= self.num_stages or time.monotonic() - self._last_measured[k] < self.probe_interval_s:
+        if k >= self.num_stages or self.clock() - self._last_measured[k] < self.probe_interval_s:
             return
         self._record(self._executor.wait(self._executor.launch(k)))
         report.probed_stage = k
@@ -664,10 +698,42 @@ class StagedEngine:
         report.started_at.append(started)
         report.stages_run = max(report.stages_run, max(blocks) + 1)
         report.stop_reason = stop
+        self._hand_over(result, on_result)
+
+    def _hand_over(self, result: StageResult, on_result: Callable[[StageResult], Any] | None) -> None:
+        """Call ``on_result``; its duration is kept, as admission reserves the recent maximum for it."""
         if on_result is not None:
-            t0 = time.monotonic()
+            t0 = self.clock()
             on_result(result)
-            self._callback_s.append(time.monotonic() - t0)
+            self._callback_s.append(self.clock() - t0)
+
+    def _repeat_final(self, report: RunReport, stop: StopReason) -> StageResult:
+        """Add a final copy of the last result (handed over as not final) to the report and return it.
+
+        No stage ran for it: its prediction is NaN and its measured time 0; its
+        ready time stays the answer's own, so the overrun is that of the answer.
+        """
+        result = dataclasses.replace(report.results[-1], is_final=True, stop_reason=stop, repeated=True)
+        report.results.append(result)
+        report.predicted_s.append(math.nan)
+        report.actual_s.append(0.0)
+        report.started_at.append(self.clock())
+        report.stop_reason = stop
+        report.final_repeated = True
+        return result
+
+    def _final_after_error(self, report: RunReport, on_result: Callable[[StageResult], Any] | None) -> None:
+        """A stage or ``on_result`` raised: if the last answer went out as not final, repeat it as final (ERROR).
+
+        The caller re-raises the original error; an error from handing the copy
+        over is dropped, so the first failure is the one reported.
+        """
+        if not report.results or report.results[-1].is_final:
+            return
+        result = self._repeat_final(report, StopReason.ERROR)
+        if on_result is not None:
+            with contextlib.suppress(Exception):
+                on_result(result)
 
     def _stage_cap(self, max_stage: int | None) -> int:
         """Number of exits allowed (1..K) from a 1-based cap; None or 0 = no cap, larger than K = K."""
