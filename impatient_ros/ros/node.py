@@ -45,18 +45,18 @@ the monotonic clock, so the image's age at arrival counts against its budget.
 The budget is looked up when inference of the image starts, so a new Budget
 message applies to the next image processed.
 
-Each image gets exactly one message with ``is_final`` true on ``~/prediction``.
-In the rare case that the engine handed over an exit as not final and then
-found no time for the next one (the ``on_result`` callback itself took
-unusually long), the node repeats that exit's message on ``~/prediction``
-with ``is_final`` true and ``stop_reason`` DEADLINE (counted as
-``final_announcements_repaired``). An image for which not even stage 1 fits
-the budget (NO_TIME) publishes nothing; it is counted and logged (throttled).
+Each image gets exactly one message with ``is_final`` true on ``~/prediction``:
+the engine guarantees it (see StagedEngine). When it handed over an exit as not
+final and then found no time for the next one, or a later stage failed, it hands
+over a ``repeated`` copy of that exit marked final (stop reason DEADLINE or
+ERROR); the node publishes such a repeat on ``~/prediction`` only, never on a
+stage topic, and counts it (``final_announcements_repaired``). An image for which
+not even stage 1 fits the budget (NO_TIME) publishes nothing; it is counted and
+logged (throttled).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import threading
