@@ -22,7 +22,9 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 # everybody uses, so pick another one per session.
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(1, 101)))
 
-FASHION_MNIST_DIR = Path(os.environ.get("IMPATIENT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+from impatient_ros.core.datasets import default_fashion_mnist_dir  # noqa: E402  (after the sys.path line)
+
+FASHION_MNIST_DIR = default_fashion_mnist_dir()
 
 
 # In CI a missing prerequisite is a failure, not a skip: the set-up script must provide it.

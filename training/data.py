@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from impatient_ros.core import idx as _idx
-from impatient_ros.core.datasets import FASHION_MNIST_CLASSES
+from impatient_ros.core.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_SPLITS, default_fashion_mnist_dir
 
 __all__ = [
     "AUGMENTATIONS",
@@ -77,8 +77,7 @@ AUGMENTATIONS: tuple[str, ...] = ("none", "light", "standard")
 CHANNELS: dict[str, int] = {"gray": 1, "rgb": 3}
 
 FASHION_MNIST_FILES: dict[str, tuple[str, str]] = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    split: (f"{images}.gz", f"{labels}.gz") for split, (images, labels) in FASHION_MNIST_SPLITS.items()
 }
 FASHION_MNIST_SIZE = (28, 28)
 
@@ -88,11 +87,6 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 class DataError(ValueError):
     """Unreadable or inconsistent data, or an impossible split; the message says how to fix it."""
-
-
-def default_fashion_mnist_dir() -> Path:
-    """``$IMPATIENT_FASHION_MNIST`` if set, else the Debian package's folder."""
-    return Path(os.environ.get("IMPATIENT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 
 
 # --------------------------------------------------------------------------- IDX files

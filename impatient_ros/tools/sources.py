@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from impatient_ros.core import idx as _idx
-from impatient_ros.core.datasets import FASHION_MNIST_CLASSES
+from impatient_ros.core.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_SPLITS, default_fashion_mnist_dir
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
@@ -54,17 +54,14 @@ __all__ = [
     "read_idx",
 ]
 
-DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_FASHION_MNIST_DIR = default_fashion_mnist_dir()
 # Encodings the camera publishes; the node accepts more, but these three cover
 # grey and colour in both channel orders a consumer may expect.
 ENCODINGS: tuple[str, ...] = ("mono8", "rgb8", "bgr8")
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp"}
 )
-_SPLIT_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+_SPLIT_FILES = FASHION_MNIST_SPLITS
 
 
 class SourceError(ValueError):
