@@ -1,15 +1,9 @@
-"""Small ROS 2 tool nodes around the classifier node, and the helpers they share.
+"""The rclpy helpers the tool nodes share: QoS from a reliability name, and the run loop.
 
-* ``impatient-camera``  (:mod:`.camera`)  - publishes images from a data set, a folder or a video
-* ``impatient-budget``  (:mod:`.budget`)  - publishes impatient_ros/Budget from a schedule
-* ``impatient-monitor`` (:mod:`.monitor`) - joins predictions with true labels, prints and plots
-
-The logic each tool needs (image sources, budget schedules, statistics) lives
-in pure modules (:mod:`impatient_ros.tools.sources`, :mod:`impatient_ros.tools.schedule`,
-:mod:`impatient_ros.tools.monitor_stats`); the nodes here only wire it to ROS. This
-package imports rclpy; the pure modules do not. The tools declare their
+The tools (:mod:`.camera`, :mod:`.budget`, :mod:`.monitor`) declare their
 parameters like the classifier node, as ParamSpec lists
-(:mod:`impatient_ros.ros.params`).
+(:mod:`impatient_ros.ros.params`); their logic lives in the pure modules
+:mod:`.sources`, :mod:`.schedule` and :mod:`.monitor_stats`.
 """
 
 from __future__ import annotations
