@@ -74,6 +74,10 @@ def _valid(**changes):
         ({"energy_soc_levels": [0.2, 0.5, 1.5]}, "(0, 1]"),
         ({"energy_budgets_ms": [5.0, -1.0, 0.0]}, ">= 0"),
         ({"energy_budgets_ms": [5.0, 20000.0, 0.0]}, "above max_budget_ms"),
+        # Within rclpy's relative 1e-6 of a range edge (rclpy accepts them): the exact range decides.
+        ({"admission_quantile": 1.0000005}, "admission_quantile must lie in [0.5, 1.0], got 1.0000005"),
+        ({"mode": "cascade", "cascade_threshold": 0.9999995}, "cascade_threshold must lie in [1.0, "),
+        ({"max_stage": 256}, "max_stage must lie in [0, 255]"),
     ],
 )
 def test_check_parameters_rejects_with_reason(changes, fragment) -> None:
@@ -83,6 +87,7 @@ def test_check_parameters_rejects_with_reason(changes, fragment) -> None:
 
 def test_check_parameters_network_dependent_rules() -> None:
     assert check_parameters(_valid()) is None
+    assert check_parameters(_valid(admission_quantile=1.0, cascade_threshold=1.0)) is None  # the edges
     assert check_parameters(_valid(device="cuda:1", mode="cascade")) is None
     assert check_parameters(_valid(max_stage=9)) is None  # unknown network: checked at configure
     assert "exceeds the network's 4 stages" in check_parameters(_valid(max_stage=9), num_stages=4)

@@ -121,7 +121,21 @@ def test_param_spec_descriptor() -> None:
         ({"mode": "eager"}, "mode must be one of anytime, cascade; got 'eager'"),
         ({"rate_hz": math.nan}, "rate_hz must be a finite number, got nan"),
         ({"unknown": "anything"}, None),  # not in the specs: another rule's business
+        ({"rate_hz": 0.01, "depth": 1000}, None),  # the range edges themselves are valid
+        # rclpy accepts values within a relative 1e-6 of a range edge; the exact range is checked here.
+        ({"rate_hz": 1000.0000005}, "rate_hz must lie in [0.01, 1000.0], got 1000.0000005"),
+        ({"rate_hz": 0.0099999999}, "rate_hz must lie in [0.01, 1000.0], got 0.0099999999"),
+        ({"depth": 0}, "depth must lie in [1, 1000], got 0"),
+        ({"depth": 1001}, "depth must lie in [1, 1000], got 1001"),
     ],
 )
 def test_check_values_applies_each_specs_own_rules(values, reason) -> None:
     assert check_values(SPECS, values) == reason
+
+
+def test_every_tool_default_lies_in_its_own_range() -> None:
+    from impatient_ros.tools import budget, camera, monitor  # impatient_node's: tests/test_node.py
+
+    for specs in (budget.PARAMETERS, camera.PARAMETERS, monitor.PARAMETERS):
+        defaults = {spec.name: spec.default for spec in specs if spec.default is not None}
+        assert check_values(specs, defaults) is None

@@ -3,9 +3,12 @@
 A node lists its parameters as :class:`ParamSpec` values (name, default,
 description, constraints), declares them with :func:`declare` and checks
 proposed values with :func:`check_values`, which applies the rules every spec
-carries (finite numbers, ``choices``). Ranges and read-only flags go into the
-ParameterDescriptor, so rclpy enforces them itself; rules across parameters
-(width with height, the energy table, ...) stay with each node.
+carries (finite numbers, ``choices``, the exact ``float_range``/``int_range``).
+Ranges and read-only flags also go into the ParameterDescriptor, but rclpy's own
+range check is not enough: it accepts values within a relative 1e-6 of an edge
+(``admission_quantile`` 1.0000005 in [0.5, 1.0]), which the code behind the
+parameter then refuses on every use. Rules across parameters (width with
+height, the energy table, ...) stay with each node.
 
 No torch here: the tools import this module and must start quickly.
 """
@@ -75,7 +78,10 @@ def declare(node: Node, specs: Iterable[ParamSpec]) -> None:
 
 
 def check_values(specs: Iterable[ParamSpec], values: Mapping[str, Any]) -> str | None:
-    """Why one of ``values`` breaks its spec's own rules (a finite number, one of ``choices``), or None.
+    """Why one of ``values`` breaks its spec's own rules (finite, one of ``choices``, in its range), or None.
+
+    Ranges are checked exactly (``lo <= value <= hi``), not with rclpy's
+    tolerance; the reason names the range.
 
     Names without a spec (``use_sim_time``) are skipped. Pure: the node's and
     the tools' on-set callbacks both use it.
@@ -89,6 +95,11 @@ def check_values(specs: Iterable[ParamSpec], values: Mapping[str, Any]) -> str |
             return f"{name} must be a finite number, got {value}"
         if spec.choices and value not in spec.choices:
             return f"{name} must be one of {', '.join(spec.choices)}; got {value!r}"
+        bounds = spec.float_range or spec.int_range
+        if bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = bounds
+            if not low <= value <= high:
+                return f"{name} must lie in [{low}, {high}], got {value!r}"
     return None
 
 

@@ -1,0 +1,120 @@
+"""Issue 13's red-team findings against a real impatient_node process: values the node accepted and then
+could not use.
+
+* A parameter within rclpy's relative 1e-6 of a range edge (rclpy accepts it) is refused by the node's
+  own exact range check, at run time (set_parameters) and at start-up (-p), and the node keeps answering.
+
+One node process serves the module (a random-weight smallcnn at 64x64); the two broken start-ups are
+processes of their own, started at the same time.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import rclpy
+import torch
+
+from impatient_ros.msg import StagePrediction
+from impatient_ros.runtime.checkpoint import save_checkpoint
+from impatient_ros.runtime.model import NetConfig, build_network
+from tests.ros.node_harness import NodeProbe, gray_image, node_log, start_node, stop_node
+
+SIZE = (64, 64)
+NS = "/lim"
+BROKEN_START_UPS = {
+    "admission_quantile": (["-p", "admission_quantile:=1.0000005"],
+                           "admission_quantile must lie in [0.5, 1.0], got 1.0000005"),
+    "cascade_threshold": (["-p", "mode:=cascade", "-p", "cascade_threshold:=0.9999995"],
+                          "cascade_threshold must lie in [1.0, 1000000000000.0], got 0.9999995"),
+}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory):
+    """(probe, main process, broken start-up processes by name)."""
+    root = tmp_path_factory.mktemp("limits")
+    torch.manual_seed(0)
+    net = build_network(NetConfig(backbone="smallcnn", num_classes=10, in_channels=1, input_size=SIZE))
+    checkpoint = root / "smallcnn64.pt"
+    save_checkpoint(checkpoint, net, class_names=[f"c{i}" for i in range(10)],
+                    preprocessing={"input_size": list(SIZE), "channels": "gray", "mean": [0.5], "std": [0.25]})
+    common = ["-p", f"checkpoint:={checkpoint}", "-p", "device:=cpu", "-p", "diagnostics_period_s:=0.2"]
+    main = start_node([*common, "-r", f"__ns:={NS}"], root / "main.log")
+    broken = {name: start_node([*common, "-r", f"__ns:=/broken_{name}", *args], root / f"{name}.log")
+              for name, (args, _) in BROKEN_START_UPS.items()}
+    rclpy.init()
+    probe = None
+    try:
+        probe = NodeProbe(NS, f"{NS}/image", probe_name="limits_probe")
+        probe.wait_ready(timeout=150.0, proc=main)
+        yield probe, main, broken
+    finally:
+        if probe is not None:
+            probe.close()
+        rclpy.try_shutdown()
+        for proc in (main, *broken.values()):
+            stop_node(proc)
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    return gray_image(SIZE, seed)
+
+
+def _answered(probe: NodeProbe, **kwargs) -> list[StagePrediction]:
+    msgs = probe.classify(_image(int(time.monotonic() * 1000) % 100), **kwargs)
+    assert msgs[-1].is_final
+    return msgs
+
+
+# --------------------------------------------------------------------------- 1. exact parameter ranges
+
+
+@pytest.mark.parametrize(("changes", "refused", "fragment"), [
+    ({"admission_quantile": 1.0000005}, "admission_quantile", "admission_quantile must lie in [0.5, 1.0]"),
+    ({"mode": "cascade", "cascade_threshold": 0.9999995}, "cascade_threshold",
+     "cascade_threshold must lie in [1.0, "),
+])
+def test_value_within_rclpy_tolerance_of_a_range_edge_is_refused_at_run_time(node, changes, refused,
+                                                                             fragment) -> None:
+    probe, _, _ = node
+    before = probe.get_parameters(*changes)
+    try:
+        results = dict(zip(changes, probe.set_parameters(**changes)))
+        assert not results[refused].successful and fragment in results[refused].reason, results[refused].reason
+        assert probe.get_parameters(refused)[refused] == before[refused]  # unchanged
+        ok_before = probe.counter("frames_processed", probe.fresh_diagnostics())
+        for _ in range(3):
+            _answered(probe)  # every frame still answered: nothing reached the engine
+        after = probe.fresh_diagnostics()
+        assert probe.counter("frames_rejected_engine_error", after) == 0
+        assert probe.counter("frames_processed", after) - ok_before == 3
+    finally:
+        probe.set_ok(**before)
+
+
+def test_the_range_edges_themselves_are_accepted_and_served(node) -> None:
+    probe, _, _ = node
+    try:
+        probe.set_ok(admission_quantile=1.0, mode="cascade", cascade_threshold=1.0)
+        msgs = _answered(probe)
+        assert len(msgs) == 1 and msgs[0].stop_reason == StagePrediction.STOP_CONFIDENT  # ratio >= 1 always
+        assert probe.counter("frames_rejected_engine_error", probe.fresh_diagnostics()) == 0
+    finally:
+        probe.set_ok(admission_quantile=0.99, mode="anytime", cascade_threshold=3.0)
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_START_UPS))
+def test_value_within_rclpy_tolerance_of_a_range_edge_is_refused_at_start_up(node, name) -> None:
+    _, _, broken = node
+    proc = broken[name]
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the node started with {BROKEN_START_UPS[name][0]}:\n{node_log(proc)}")
+    output = node_log(proc)
+    assert proc.returncode == 2, output
+    assert BROKEN_START_UPS[name][1] in output and "Traceback" not in output, output
