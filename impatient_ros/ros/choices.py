@@ -7,6 +7,8 @@ Each tuple of allowed values has one owner; the rest import it:
 * ``REFERENCE_TIMES``: :mod:`impatient_ros.ros.budget_policy`, whose
   ``reference_time()`` takes one;
 * ``EXECUTORS``: :mod:`impatient_ros.ros.executors`, whose ``make_executor()`` takes one;
+* ``VISION_MSGS_CHOICES``: :mod:`impatient_ros.ros.vision_messages`, whose ``load_vision_msgs()``
+  takes one;
 * the node's ``mode`` choices: the engine's ``Mode`` enum (:mod:`impatient_ros.ros.node_params`).
 """
 
