@@ -54,7 +54,7 @@ print('\\n'.join(tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies'
 fi
 
 # 3. Build the messages and install the package (rebuilt when any source changed).
-src_stamp="$(cd "$repo" && for path in CMakeLists.txt package.xml pyproject.toml msg impatient_ros training bin launch config models; do
+src_stamp="$(cd "$repo" && for path in CMakeLists.txt cmake package.xml pyproject.toml msg impatient_ros training bin launch config models; do
   if [ -e "$path" ]; then find "$path" -type f ! -path "*__pycache__*"; fi; done | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)"
 if [ "$(cat "$venv/.src-stamp" 2>/dev/null)" != "$src_stamp" ]; then
   log "building messages and installing impatient_ros (~15 s)"

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
@@ -76,6 +77,25 @@ def test_pip_install_builds_messages_and_console_scripts(tmp_path: Path) -> None
     assert (site / "impatient_ros" / "training" / "cli.py").is_file()
     metadata = _run([py, "-m", "pip", "show", "impatient_ros"], env=env).stdout
     assert "torch" in metadata and "opencv-python-headless" in metadata and "ros-rclpy" in metadata
+
+    # What `ros2 run` and launch_ros's Node() look up once AMENT_PREFIX_PATH names the venv: the
+    # package in the ament index, then <prefix>/lib/<package>/<executable>, one per console script.
+    with open(REPO / "pyproject.toml", "rb") as f:
+        assert set(tomllib.load(f)["project"]["scripts"]) == set(CONSOLE_SCRIPTS)
+    assert (env_dir / "share" / "ament_index" / "resource_index" / "packages" / "impatient_ros").is_file()
+    assert (env_dir / "share" / "impatient_ros" / "launch" / "impatient.launch.py").is_file()
+    for script in CONSOLE_SCRIPTS:
+        entry = env_dir / "lib" / "impatient_ros" / script
+        assert entry.is_file() and os.access(entry, os.X_OK), f"lib/impatient_ros/{script} missing or not executable"
+    ament_env = {**env, "AMENT_PREFIX_PATH": str(env_dir)}
+    found = _run([py, "-c", "from ament_index_python.packages import get_package_prefix as p; "
+                  "print(p('impatient_ros'))"], env=ament_env, cwd=tmp_path).stdout.strip()
+    assert Path(found) == env_dir, found
+    # Run one as ros2 run would (the path alone, from elsewhere, no venv active): it must find the
+    # venv's Python and our package. The budget tool needs neither torch nor a subscriber.
+    ran = _run([str(Path(found) / "lib" / "impatient_ros" / "impatient-budget"), "--ros-args",
+                "-p", "max_messages:=1", "-p", "schedule:=constant:7"], env=ament_env, cwd=tmp_path)
+    assert "constant 7 ms" in ran.stdout + ran.stderr, ran.stdout + ran.stderr
 
 
 def test_installed_training_is_namespaced_and_runs(tmp_path: Path) -> None:
