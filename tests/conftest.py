@@ -44,6 +44,8 @@ MARKERS_BY_MODULE = {
     "test_tools": "ros",
     "test_reliability": "ros",
     "test_messages_transport": "ros",
+    "test_vision_msgs": "ros",          # also builds the vision_msgs test fixture once (cached)
+    "test_launch": "ros",               # real launch/launch_ros runs, where they can be imported
     "test_build": "build",              # pip and colcon builds into fresh prefixes
     "test_training": "train",           # trains networks
     "test_distributed": "train",

@@ -267,3 +267,13 @@ def test_lp_ft_start_of_a_pretrained_network_is_orig(tmp_path) -> None:
     probes = fit_exit_probes(tr.features, tr.labels, va.features, va.labels, DEFAULT_CS, num_classes=10)
     assert lines[0]["lp_start"]["chosen_C"] == probes.chosen_C
     assert lines[0]["val_exit_accuracy"] == pytest.approx(probes.val_accuracy)
+
+
+def test_recipe_option_default_and_choices(tmp_path) -> None:
+    from training.config import ConfigError, TrainConfig
+
+    assert _train_cfg(tmp_path).recipe == "impatient"
+    assert _train_cfg(tmp_path, "--recipe", "paper").recipe == "paper"
+    assert TrainConfig.from_dict({}).recipe == "impatient"  # older train_configs (no key) load with the default
+    with pytest.raises(ConfigError, match="valid recipes: impatient, paper"):
+        _train_cfg(tmp_path, "--recipe", "fancy")

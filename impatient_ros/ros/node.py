@@ -19,6 +19,12 @@ Topics (relative names, so ``-r __ns:=`` and remaps apply)::
     in   battery_state        sensor_msgs/BatteryState
     out  ~/stage_1 .. ~/stage_K  impatient_ros/StagePrediction (one message per image and exit)
     out  ~/prediction            impatient_ros/StagePrediction (every stage's message, in order)
+    out  ~/classification/stage_1 .. stage_K  vision_msgs/Classification (vision_msgs required, or auto
+                                 and importable: the same answer as ~/stage_k, header = the image's)
+    out  ~/classification        vision_msgs/Classification (every stage's, in order; no repeats:
+                                 Classification has no is_final to tell a repeat apart)
+    out  ~/label_info            vision_msgs/LabelInfo (transient local: class id -> name, again
+                                 when ``labels`` changes)
     out  /diagnostics            diagnostic_msgs/DiagnosticArray (every diagnostics_period_s)
 
 Threads: the executor thread runs subscription, parameter, lifecycle and timer
@@ -75,7 +81,7 @@ from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import BatteryState, CompressedImage, Image
 
 from impatient_ros.msg import Budget, StagePrediction
@@ -89,6 +95,7 @@ from impatient_ros.ros.messages import build_stage_prediction, resolve_labels, s
 from impatient_ros.ros.node_params import PARAMETERS, check_parameters, default_checkpoint_candidates
 from impatient_ros.ros.params import declare
 from impatient_ros.ros.topics import compressed_topic
+from impatient_ros.ros.vision_messages import build_classification, build_label_info, load_vision_msgs
 from impatient_ros.runtime.checkpoint import CheckpointError, load_checkpoint
 from impatient_ros.runtime.engine import StagedEngine
 from impatient_ros.runtime.timing import TimingError
@@ -149,6 +156,10 @@ class ImpatientNode(LifecycleNode):
         self._labels: list[str] = []
         self._stage_pubs: list[Any] = []
         self._prediction_pub: Any = None
+        self._vision: Any = None  # the vision_msgs.msg module while configured with vision_msgs output
+        self._classification_stage_pubs: list[Any] = []
+        self._classification_pub: Any = None
+        self._label_info_pub: Any = None
         self._subscriptions: list[Any] = []
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
@@ -197,6 +208,7 @@ class ImpatientNode(LifecycleNode):
         self._settings = self._read_settings()
         if "labels" in names and self._engine is not None:
             self._labels = self._resolve_labels(self._engine)
+            self._publish_label_info()
         if "diagnostics_period_s" in names:
             self.destroy_timer(self._diag_timer)
             self._diag_timer = self.create_timer(self._param("diagnostics_period_s"), self._publish_diagnostics)
@@ -240,6 +252,11 @@ class ImpatientNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _configure(self) -> None:
+        # First: vision_msgs:=required without the package fails before the slow steps.
+        vision = load_vision_msgs(self._param("vision_msgs"))
+        threads = int(self._param("num_threads"))
+        if threads > 0:  # before the engine's warm-up and calibration measure anything
+            torch.set_num_threads(threads)
         path = self._checkpoint_path()
         try:
             checkpoint = load_checkpoint(path)
@@ -271,10 +288,33 @@ class ImpatientNode(LifecycleNode):
         self._stage_pubs = [self.create_publisher(StagePrediction, f"~/stage_{k}", results_qos)
                             for k in range(1, engine.num_stages + 1)]
         self._prediction_pub = self.create_publisher(StagePrediction, "~/prediction", results_qos)
+        if vision is not None:
+            self._create_vision_publishers(vision, engine.num_stages, results_qos)
         self.get_logger().info(
             f"configured: {path} ({engine.num_stages} stages, {engine.num_classes} classes) on "
-            f"{engine.device_label}; stage cost p{100 * engine.admission_quantile:g} [ms]: "
+            f"{engine.device_label} ({torch.get_num_threads()} torch thread(s)), vision_msgs output "
+            f"{'on' if vision is not None else 'off'}; stage cost p{100 * engine.admission_quantile:g} [ms]: "
             + ", ".join(f"{ms:.2f}" for ms in self._predicted_ms))
+
+    def _create_vision_publishers(self, vision: Any, num_stages: int, results_qos: QoSProfile) -> None:
+        self._vision = vision
+        self._classification_stage_pubs = [
+            self.create_publisher(vision.Classification, f"~/classification/stage_{k}", results_qos)
+            for k in range(1, num_stages + 1)]
+        self._classification_pub = self.create_publisher(vision.Classification, "~/classification", results_qos)
+        # Transient local: a subscriber that joins later still gets the class map (like a latched topic).
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self._label_info_pub = self.create_publisher(vision.LabelInfo, "~/label_info", latched)
+        self._publish_label_info()
+
+    def _publish_label_info(self) -> None:
+        vision, pub = self._vision, self._label_info_pub
+        if vision is None or pub is None:
+            return
+        msg = build_label_info(vision.LabelInfo, self._labels, vision_class=vision.VisionClass)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        pub.publish(msg)
 
     def _checkpoint_path(self) -> Path:
         configured = str(self._param("checkpoint")).strip()
@@ -388,10 +428,13 @@ class ImpatientNode(LifecycleNode):
         self._release()
 
     def _release(self) -> None:
-        for pub in [*self._stage_pubs, self._prediction_pub]:
+        for pub in [*self._stage_pubs, self._prediction_pub, *self._classification_stage_pubs,
+                    self._classification_pub, self._label_info_pub]:
             if pub is not None:
                 self.destroy_publisher(pub)
         self._stage_pubs, self._prediction_pub = [], None
+        self._vision, self._classification_stage_pubs = None, []
+        self._classification_pub = self._label_info_pub = None
         engine, self._engine = self._engine, None
         self._predicted_ms, self._median_ms = (), ()
         if engine is not None:
@@ -429,7 +472,9 @@ class ImpatientNode(LifecycleNode):
         extra = [("state", self._state), ("mode", self._settings.mode),
                  ("reference_time", self._settings.reference_time)]
         if engine is not None:
-            extra += [("device", engine.device_label), ("num_stages", str(engine.num_stages))]
+            extra += [("device", engine.device_label), ("num_stages", str(engine.num_stages)),
+                      ("torch_threads", str(torch.get_num_threads())),
+                      ("vision_msgs", "publishing" if self._vision is not None else "off")]
             extra += [(f"stage_{k}_predicted_ms", f"{ms:.3f}") for k, ms in enumerate(self._predicted_ms, 1)]
             extra += [(f"stage_{k}_median_ms", f"{ms:.3f}") for k, ms in enumerate(self._median_ms, 1)]
         soc = self._policy.battery_soc(now)
@@ -497,7 +542,7 @@ class ImpatientNode(LifecycleNode):
         deadline = budget.deadline(ref.monotonic)
         cap = combine_stage_caps(settings.max_stage, budget.max_stage)
         self._seq += 1
-        seq, labels, accuracy = self._seq, self._labels, engine.exit_accuracy
+        seq, labels, accuracy, vision = self._seq, self._labels, engine.exit_accuracy, self._vision
         engine.admission_quantile = settings.admission_quantile
         engine.top_k = min(settings.top_k, engine.num_classes)
         published_at: list[float] = []
@@ -521,6 +566,18 @@ class ImpatientNode(LifecycleNode):
                 return
             published_at.append(time.monotonic())
             self._stats.stage_published(result.stage, latency)
+            # After ours, so the StagePrediction is not delayed. A repeat is left out: a Classification
+            # has no is_final, so it would read as a second answer.
+            if vision is not None and not result.repeated:
+                try:
+                    classification = build_classification(
+                        vision.Classification, result, header=msg.header, hypothesis_class=vision.ObjectHypothesis)
+                    self._classification_stage_pubs[result.stage - 1].publish(classification)
+                    self._classification_pub.publish(classification)
+                except Exception as exc:  # noqa: BLE001 - the standard copy must not stop our own output
+                    self._stats.frame_rejected("vision_publish_failed")
+                    if self._log_throttle.ready("vision_publish_failed"):
+                        self.get_logger().warning(f"could not publish vision_msgs for stage {result.stage}: {exc}")
 
         try:
             report = engine.run(image.array, image.channel_order, deadline=deadline, mode=settings.mode,

@@ -20,6 +20,7 @@ from impatient_ros.ros.budget_policy import REFERENCE_TIMES, validate_energy_tab
 from impatient_ros.ros.choices import RELIABILITIES, TRANSPORTS
 from impatient_ros.ros.executors import EXECUTORS
 from impatient_ros.ros.params import ParamSpec, check_values
+from impatient_ros.ros.vision_messages import VISION_MSGS_CHOICES
 from impatient_ros.runtime.engine import Mode
 
 __all__ = [
@@ -45,6 +46,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("fp16", False, "Half precision on CUDA (ignored on the CPU).", read_only=True),
     ParamSpec("cuda_graphs", True, "Capture one CUDA graph per stage (much lower launch overhead).",
               read_only=True),
+    ParamSpec("num_threads", 1, "torch CPU threads (torch.set_num_threads), set at configure before "
+              "calibration. 1 by default: at batch 1 a stage gains little from more threads, and on a robot "
+              "whose other processes want the cores too, extra threads make stage times (and so the "
+              "admission quantile) jumpy. 0 = torch's default (OMP_NUM_THREADS, else one per core).",
+              read_only=True, int_range=(0, 1024)),
     ParamSpec("calibration_file", "", "Timing calibration (JSON). If it exists and matches this network and "
               "device it is loaded instead of calibrating at configure; otherwise the node calibrates and "
               "writes it. Empty: always calibrate, write nothing.", read_only=True),
@@ -81,6 +87,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "set_parameters_atomically when their length changes."),
     ParamSpec("labels", None, "Class names overriding the checkpoint's, one per class in class-id order. "
               "Unset: the checkpoint's names.", unset_type=Parameter.Type.STRING_ARRAY),
+    ParamSpec("vision_msgs", "auto", "Also publish vision_msgs/Classification per exit (~/classification/stage_k, "
+              "and ~/classification for every exit in order) and vision_msgs/LabelInfo (~/label_info, transient "
+              "local). auto: when vision_msgs can be imported; required: it must be (configure fails "
+              "otherwise); disabled: never.", read_only=True, choices=VISION_MSGS_CHOICES),
     ParamSpec("diagnostics_period_s", 1.0, "Period of the /diagnostics status.", float_range=(0.05, 60.0)),
     ParamSpec("autostart", True, "Configure and activate at start-up (no lifecycle manager needed). "
               "false: wait in 'unconfigured' for lifecycle transitions.", read_only=True),

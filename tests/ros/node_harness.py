@@ -41,9 +41,12 @@ REPO = Path(__file__).resolve().parents[2]
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
 
-def start_node(ros_args: Sequence[str], log_path: Path) -> subprocess.Popen:
-    """Start ``python -m impatient_ros.ros.node --ros-args <ros_args>`` from the repo root, output to ``log_path``."""
-    env = dict(os.environ)
+def start_node(ros_args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``python -m impatient_ros.ros.node --ros-args <ros_args>`` from the repo root, output to ``log_path``.
+
+    ``env`` replaces this process's environment (e.g. one that makes an extra interface package importable).
+    """
+    env = dict(os.environ if env is None else env)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     # The source tree first (the modules under test); impatient_ros.msg still comes from the venv.
