@@ -211,3 +211,82 @@ def test_sums_round_trip_and_old_files_still_load(tmp_path):
         TimingModel.from_dict(data)
     with pytest.raises(TimingError, match="finite"):
         model.record_sums(0, path_s=-1.0)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_ageing_drops_a_spike_recent_s_after_it_once_quiet_samples_exist():
+    clock = _Clock()
+    model = TimingModel(1, recent_s=0.5, min_recent=8, clock=clock)
+    for _ in range(200):  # quiet, then a spike of 40 samples 100x slower
+        model.record(0, 0.001, 0.0)
+        clock.t += 0.01
+    for _ in range(40):
+        model.record(0, 0.1, 0.0)
+        clock.t += 0.01
+    assert model.block_cost(0, 0.99) == pytest.approx(0.1)
+    for i in range(7):  # quiet again: too few quiet samples to outvote the spike
+        model.record(0, 0.001, 0.0)
+        clock.t += 0.1
+        assert model.block_cost(0, 0.99) == pytest.approx(0.1)
+    model.record(0, 0.001, 0.0)  # 8 quiet samples, the spike 0.8 s old: it no longer counts
+    assert model.block_cost(0, 0.99) == pytest.approx(0.001)
+    assert model.sample_counts(0) == (248, 248)  # ... but stays in the window (and in a saved file)
+    model.record(0, 0.1, 0.0)  # the load is back: its samples count at once, and so do the old ones
+    assert model.block_cost(0, 0.99) == pytest.approx(0.1)
+
+
+def test_recent_samples_never_age_and_a_small_slow_down_leaves_by_count():
+    clock = _Clock()
+    model = TimingModel(1, window=16, recent_s=0.5, min_recent=4, clock=clock)
+    for _ in range(16):  # 1.5x slower: within outlier_factor (2): not dropped by age
+        model.record(0, 0.0015, 0.0)
+    clock.t += 10.0
+    for _ in range(4):
+        model.record(0, 0.001, 0.0)
+    assert model.block_cost(0, 1.0) == pytest.approx(0.0015)
+    for _ in range(12):
+        model.record(0, 0.001, 0.0)
+    assert model.block_cost(0, 1.0) == pytest.approx(0.001)
+    # samples within recent_s all count, however large
+    clock.t += 10.0
+    model.record(0, 0.01, 0.0)
+    model.record(0, 0.001, 0.0)
+    assert model.block_cost(0, 1.0) == pytest.approx(0.01)
+
+
+def test_steady_load_quantiles_are_the_whole_window():
+    clock = _Clock()
+    model = TimingModel(1, clock=clock)
+    samples = np.random.default_rng(3).lognormal(np.log(0.001), 0.35, size=256)
+    for value in samples:
+        model.record(0, value, 0.0)
+        clock.t += 1 / 30
+    assert model.block_cost(0, 0.99) == pytest.approx(np.quantile(samples, 0.99))
+
+
+def test_use_clock_restamps_the_samples():
+    model = _fed()
+    clock = _Clock()
+    model.use_clock(clock)
+    assert model.clock is clock and model.stage_cost(0) == pytest.approx(0.011)
+    assert model.sample_counts(2) == (10, 10)
+
+
+def test_lazy_windows_match_eager_updates():
+    # Samples wait in a pending list until read; many at once are merged by one sort.
+    rng = np.random.default_rng(5)
+    model = TimingModel(1, window=32)
+    values = rng.exponential(0.01, size=500)
+    for i, value in enumerate(values):
+        model.record(0, block_s=value)
+        if i % 7 == 0 or i > 450:
+            window = values[max(0, i - 31):i + 1]
+            assert model.block_cost(0, 0.9) == pytest.approx(np.quantile(window, 0.9))
+    assert model.block_samples(0) == pytest.approx(list(values[-32:]))

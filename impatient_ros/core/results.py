@@ -118,6 +118,7 @@ class RunReport:
     # after that exit had been handed over as not final.
     final_repeated: bool = False
     probed_stage: int | None = None   # 0-based stage measured after the run (see StagedEngine.probe_interval_s)
+    probed_stages: tuple[int, ...] = ()   # every 0-based stage measured after the run, first..deepest
 
     @property
     def final(self) -> StageResult | None:

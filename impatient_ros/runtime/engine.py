@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import time
 import warnings
@@ -76,6 +77,7 @@ if TYPE_CHECKING:  # the engine only reads .net, .preprocessing and .class_names
 
 __all__ = [
     "DEFAULT_CASCADE_THRESHOLD",
+    "CalibrationRounds",
     "RATIO_EPSILON",
     "DeviceFallbackWarning",
     "DeviceUnavailableError",
@@ -98,8 +100,75 @@ _DEFAULT_CUDA_OVERHEAD_S = 50e-6
 
 Clock = Callable[[], float]  # what StagedEngine(clock=...) takes: seconds, never going back
 
+_RANKING_FIELDS = ("class_id", "label", "score", "top_ids", "top_scores", "ratio_1v2")
 
-@dataclass
+
+def _ranking_field(name: str) -> property:
+    def read(self: StageResult) -> Any:
+        values = self.__dict__
+        if name not in values:
+            top_k, class_names = values["_ranking_of"]
+            top_ids, top_scores, ratio = _rank(values["probs"], top_k)
+            class_id = top_ids[0]
+            values.update(class_id=class_id, score=top_scores[0], top_ids=top_ids, top_scores=top_scores,
+                          ratio_1v2=ratio,
+                          label=class_names[class_id] if class_id < len(class_names) else str(class_id))
+        return values[name]
+
+    def write(self: StageResult, value: Any) -> None:  # only the dataclass __init__ sets fields
+        self.__dict__[name] = value
+
+    return property(read, write, doc=f"StageResult.{name}, ranked from probs when first read")
+
+
+class _LazyStageResult(StageResult):
+    """A :class:`StageResult` whose ranking (class_id, label, score, top-k, ratio_1v2) is computed when read.
+
+    Every field reads as in a StageResult built with all of them (same values,
+    same types; ``dataclasses.replace`` and ``==`` work); the top-k sort of the
+    probabilities runs once, on the first read of any of them, so an exit
+    nobody looks at costs no ranking. The engine builds it by filling
+    ``__dict__`` (the frozen dataclass ``__init__`` sets 14 fields one by one).
+    """
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StageResult):
+            return NotImplemented
+        return all(getattr(self, f.name) is getattr(other, f.name) or getattr(self, f.name) == getattr(other, f.name)
+                   for f in dataclasses.fields(StageResult))
+
+    __hash__ = None  # type: ignore[assignment]  # as StageResult's: eq without a hash (probs is an array)
+
+
+for _name in _RANKING_FIELDS:
+    setattr(_LazyStageResult, _name, _ranking_field(_name))
+del _name
+
+_new_object = object.__new__
+# The lazy result fills __dict__ directly: only while StageResult is a plain frozen dataclass of these fields.
+_LAZY_RESULT = (
+    "__slots__" not in vars(StageResult) and not hasattr(StageResult, "__post_init__")
+    and [f.name for f in dataclasses.fields(StageResult)] == [
+        "stage", "num_stages", "class_id", "label", "score", "top_ids", "top_scores", "ratio_1v2", "probs",
+        "ready_time", "elapsed_s", "is_final", "stop_reason", "repeated"]
+)
+
+
+@dataclass(frozen=True)
+class CalibrationRounds:
+    """How :meth:`StagedEngine.calibrate` went: stable or not, after how many rounds and seconds.
+
+    ``median_ms[r][k]`` is round r's median block + head time of stage k (0-based);
+    the timing model keeps the samples of the last two rounds.
+    """
+
+    stable: bool
+    rounds: int
+    seconds: float
+    median_ms: list[list[float]]
+
+
+@dataclass(slots=True)
 class _StageOutput:
     """What an executor hands back for one exit."""
 
@@ -120,6 +189,17 @@ class _StageOutput:
 def _exit_probs(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     """An exit's softmax probabilities (num_classes,) from its head, in float32 even for a half network."""
     return torch.softmax(head(h).float(), dim=-1)[0]
+
+
+def _cpu_exit_probs(head: torch.nn.Module, h: torch.Tensor) -> np.ndarray:
+    """:func:`_exit_probs` of a float32 CPU network as numpy, in fewer operator calls (same values).
+
+    Indexing the row after the conversion is a numpy view, not one more torch call.
+    """
+    logits = head(h)
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    return logits.softmax(-1).numpy()[0]
 
 
 class _CpuExecutor:
@@ -146,7 +226,7 @@ class _CpuExecutor:
         t0 = clock()
         self._h = self._blocks[k](self._h)
         t1 = clock()
-        probs = _exit_probs(self._heads[k], self._h).numpy()
+        probs = _cpu_exit_probs(self._heads[k], self._h)
         t2 = clock()
         return _StageOutput(k, probs, [(k, t1 - t0)], t2 - t1, t2)
 
@@ -159,7 +239,7 @@ class _CpuExecutor:
             h = self._blocks[j](h)
             blocks.append((j, clock() - t0))
         t1 = clock()
-        probs = _exit_probs(self._heads[k], h).numpy()
+        probs = _cpu_exit_probs(self._heads[k], h)
         t2 = clock()
         return _StageOutput(k, probs, blocks, t2 - t1, t2)
 
@@ -312,7 +392,27 @@ class StagedEngine:
     ``clock`` is where the engine reads the time: deadlines, ready times, start
     times and the CPU's measured stage times are in its seconds (``time.monotonic``
     by default, so a deadline is a ``time.monotonic()`` value). Tests pass a fake
-    clock that the network's own forward hooks advance by known amounts.
+    clock that the network's own forward hooks advance by known amounts. The
+    timing model ages its samples on the same clock (``TimingModel.use_clock``).
+
+    Following load both ways: the timing model's ageing rule (see
+    :class:`~impatient_ros.runtime.timing.TimingModel`) drops a spike's samples
+    from the quantiles ``recent_s`` after it ends, once quiet samples exist; the
+    starvation guard provides them. A stage is admitted only on its own measured
+    cost and only stages that run are measured, so after a run that the deadline
+    stopped (NO_TIME, or DEADLINE in anytime/cascade) the engine measures the
+    refused stage and every deeper one whose newest sample is older than
+    ``probe_interval_s``, one after the other (answers discarded; the frame's
+    answers are already out: a probe only runs after the final answer was handed
+    over), going deeper only while the probes took less than the frame's budget.
+    Probing keeps a duty cycle of at most ``probe_duty``: after probes that took
+    ``d`` seconds, none runs for ``d * (1 - probe_duty) / probe_duty`` seconds, so
+    probing cannot take more than that share of the time the next frames need.
+
+    ``gc_during_run=False`` (default) disables Python's cyclic garbage collector
+    while a run executes and re-enables it after the run's answers and probes: a
+    collection that falls inside a stage is a pause the admission quantile does
+    not expect (it then happens between frames, where it delays no answer).
     """
 
     def __init__(
@@ -327,14 +427,18 @@ class StagedEngine:
         allow_cpu_fallback: bool = True,
         timing: TimingModel | None = None,
         online_update: bool = True,
-        probe_interval_s: float = 0.2,
+        probe_interval_s: float = 0.02,
+        probe_duty: float = 0.1,
         fuse_heads: bool = True,
+        gc_during_run: bool = False,
         clock: Clock = time.monotonic,
     ) -> None:
         if not 0.0 < admission_quantile <= 1.0:
             raise EngineError(f"admission_quantile must lie in (0, 1], got {admission_quantile}")
         if top_k < 1:
             raise EngineError(f"top_k must be >= 1, got {top_k}")
+        if not 0.0 < probe_duty <= 1.0:
+            raise EngineError(f"probe_duty must lie in (0, 1], got {probe_duty}")
         self.device = resolve_device(device, allow_cpu_fallback)
         if fp16 and self.device.type != "cuda":
             warnings.warn("fp16 is only used on CUDA (CPU half-precision convolutions are slow or missing): "
@@ -343,13 +447,14 @@ class StagedEngine:
         self.fp16 = fp16
         self.admission_quantile = float(admission_quantile)
         self.online_update = online_update
-        # Starvation guard: a stage is admitted only on its own measured cost, and only
-        # stages that run are measured. A load spike that inflates a stage's quantile
-        # would otherwise refuse that stage (and all deeper ones) for ever. So, after a
-        # run stopped by the deadline, the refused stage is run once for measurement
-        # only (its answer is discarded, the frame's answers are already out), at most
-        # once per probe_interval_s per stage; 0 disables it.
+        # Starvation guard (class note): a load spike that inflates a stage's quantile would
+        # otherwise refuse that stage (and all deeper ones) for ever, as only stages that run
+        # are measured. probe_interval_s = 0 disables it.
         self.probe_interval_s = float(probe_interval_s)
+        self.probe_duty = float(probe_duty)
+        self._probe_free_at = -math.inf  # engine clock before which the duty cycle allows no probe
+        self.gc_during_run = bool(gc_during_run)
+        self.last_calibration: CalibrationRounds | None = None
         self.clock = clock
         self._last_measured: list[float] = []
         self.net = checkpoint.net
@@ -387,36 +492,80 @@ class StagedEngine:
         elif timing.num_stages != self.num_stages:
             raise TimingError(f"the timing model has {timing.num_stages} stages but the network has "
                               f"{self.num_stages}")
+        timing.use_clock(clock)  # sample ages on the engine's clock
         self.timing = timing
 
     # ------------------------------------------------------------------ calibration
-    def calibrate(self, warmup: int = 5, iterations: int = 30, *, reset: bool = True) -> TimingModel:
+    def calibrate(self, warmup: int = 5, iterations: int = 30, *, reset: bool = True,
+                  tolerance: float = 0.15, max_rounds: int = 8, max_time_s: float = 20.0) -> TimingModel:
         """Measure every stage's block and head on this device and input size; return the timing model.
 
-        Runs ``warmup`` unmeasured passes, then ``iterations`` measured ones over
-        all stages with a random input of the network's size. On CUDA it also
+        Runs ``warmup`` unmeasured passes, then measured passes over all stages
+        with a random input of the network's size, in rounds of
+        ``ceil(iterations / 2)`` passes. It checks its own stability: it stops
+        when two consecutive rounds agree (every stage's median block + head
+        differs by at most ``tolerance`` of the smaller one, or by 5 us) and
+        keeps only the newest ``iterations`` passes of those two rounds, so a
+        transient load at start-up (another process starting) is
+        measured again instead of kept. It gives up after ``max_rounds`` rounds
+        or ``max_time_s`` seconds and then keeps the last two rounds;
+        :attr:`last_calibration` says whether it was stable. On CUDA it also
         measures the host-side cost per stage (launch + event wait) that the
         device-time measurements miss (``overhead_s``, added to every prediction).
         """
         if warmup < 0 or iterations < 1:
             raise EngineError(f"need warmup >= 0 and iterations >= 1, got {warmup} and {iterations}")
+        if max_rounds < 2 or not tolerance >= 0.0:
+            raise EngineError(f"need max_rounds >= 2 and tolerance >= 0, got {max_rounds} and {tolerance}")
+        per_round = max(1, -(-iterations // 2))
+        began = self.clock()
+        rounds: list[list[list[_StageOutput]]] = []   # round -> pass -> one output per stage
+        overheads: list[list[float]] = []
+        medians: list[list[float]] = []
+        stable = False
+        with self._device_scope(), torch.inference_mode():
+            x = torch.randn(self.preprocessor.output_shape, device=self.device, dtype=self.preprocessor.dtype)
+            for i in range(warmup):
+                self._start(x)
+                for k in range(self.num_stages):
+                    self._executor.wait(self._executor.launch(k))
+            while True:
+                passes, round_overheads = [], []
+                for _ in range(per_round):
+                    self._start(x)
+                    outs = []
+                    for k in range(self.num_stages):
+                        t0 = self.clock()
+                        out = self._executor.wait(self._executor.launch(k))  # one stage at a time
+                        outs.append(out)
+                        round_overheads.append((out.ready_time - t0) - out.device_s)
+                    passes.append(outs)
+                rounds.append(passes)
+                overheads.append(round_overheads)
+                medians.append([float(np.median([p[k].device_s for p in passes])) for k in range(self.num_stages)])
+                if len(medians) >= 2 and all(abs(a - b) <= max(tolerance * min(a, b), 5e-6)
+                                             for a, b in zip(medians[-1], medians[-2])):
+                    stable = True
+                    break
+                if len(rounds) >= max_rounds or self.clock() - began >= max_time_s:
+                    break
+        if len(rounds) == 1:  # max_time_s ran out after one round: nothing to compare it with
+            stable = False
         if reset:
             self.timing.reset()
         # The samples describe this engine's device and input from now on (so a saved file says so).
         self.timing.device, self.timing.input_size = self.device_label, self.input_size
-        overheads = []
-        with self._device_scope(), torch.inference_mode():
-            x = torch.randn(self.preprocessor.output_shape, device=self.device, dtype=self.preprocessor.dtype)
-            for i in range(warmup + iterations):
-                self._start(x)
-                for k in range(self.num_stages):
-                    t0 = self.clock()
-                    out = self._executor.wait(self._executor.launch(k))  # one stage at a time
-                    if i >= warmup:  # calibration always records, whatever online_update says
-                        self._record(out, force=True)
-                        overheads.append((out.ready_time - t0) - out.device_s)
+        kept = [outs for passes in rounds[-2:] for outs in passes][-iterations:]
+        for outs in kept:  # calibration always records, whatever online_update says
+            self._path_next, self._path_s = 0, 0.0
+            for out in outs:
+                self._record(out, force=True)
         if self.device.type == "cuda":
-            self.overhead_s = max(0.0, float(np.quantile(overheads, self.admission_quantile)))
+            host = [v for values in overheads[-2:] for v in values]
+            self.overhead_s = max(0.0, float(np.quantile(host, self.admission_quantile)))
+        self.last_calibration = CalibrationRounds(
+            stable=stable, rounds=len(rounds), seconds=self.clock() - began,
+            median_ms=[[1e3 * m for m in row] for row in medians])
         return self.timing
 
     def save_calibration(self, path: str | Path) -> Path:
@@ -432,8 +581,10 @@ class StagedEngine:
         and head times only: on CUDA the host-side overhead per stage keeps its
         default (50 us) until :meth:`calibrate` measures it.
         """
-        self.timing = TimingModel.load(path, num_stages=self.num_stages, input_size=self.input_size,
-                                       device=self.device_label if strict else None, window=self.timing.window)
+        timing = TimingModel.load(path, num_stages=self.num_stages, input_size=self.input_size,
+                                  device=self.device_label if strict else None, window=self.timing.window)
+        timing.use_clock(self.clock)
+        self.timing = timing
         return self.timing
 
     @property
@@ -498,20 +649,27 @@ class StagedEngine:
         report = RunReport(mode=mode, results=[], stop_reason=StopReason.NONE, stages_run=0, predicted_s=[],
                            actual_s=[], started_at=[], began_at=began, deadline=deadline, overran=False,
                            overrun_s=0.0)
-        with self._device_scope(), torch.inference_mode():
-            try:
-                self._start(x)
-                if mode is Mode.APRIORI:
-                    self._run_apriori(report, cap, on_result)
-                elif self._executor.is_async and mode is Mode.ANYTIME:
-                    self._run_queued(report, cap, on_result)
-                else:
-                    threshold = cascade_threshold if mode is Mode.CASCADE else math.inf
-                    self._run_stepwise(report, cap, threshold, on_result)
-            except Exception:
-                self._final_after_error(report, on_result)
-                raise
-            self._probe_refused_stage(report)
+        pause_gc = not self.gc_during_run and gc.isenabled()
+        if pause_gc:  # a collection inside a stage is a pause the admission does not expect (class note)
+            gc.disable()
+        try:
+            with self._device_scope(), _inference_mode():
+                try:
+                    self._start(x)
+                    if mode is Mode.APRIORI:
+                        self._run_apriori(report, cap, on_result)
+                    elif self._executor.is_async and mode is Mode.ANYTIME:
+                        self._run_queued(report, cap, on_result)
+                    else:
+                        threshold = cascade_threshold if mode is Mode.CASCADE else math.inf
+                        self._run_stepwise(report, cap, threshold, on_result)
+                except Exception:
+                    self._final_after_error(report, on_result)
+                    raise
+                self._probe_refused_stages(report)
+        finally:
+            if pause_gc:
+                gc.enable()
         if deadline is not None and report.results:
             report.overrun_s = max(0.0, report.results[-1].ready_time - deadline)
             report.overran = report.overrun_s > 0.0
@@ -520,34 +678,36 @@ class StagedEngine:
     def _run_stepwise(self, report: RunReport, cap: int, threshold: float,
                       on_result: Callable[[StageResult], Any] | None) -> None:
         """Anytime/cascade, one stage after the other (CPU, and CUDA cascade: it needs each answer first)."""
-        predicted = self._admit(0, self.clock(), report.deadline)
-        if predicted is None:
+        clock, deadline = self.clock, report.deadline
+        predicted = self._predict(0)
+        if not self._fits(clock(), predicted, deadline):
             report.stop_reason = StopReason.NO_TIME
             return
-        k = 0
+        launch, wait, last, k = self._executor.launch, self._executor.wait, self.num_stages - 1, 0
         while True:
-            started = self.clock()
-            out = self._executor.wait(self._executor.launch(k))
+            started = clock()
+            out = wait(launch(k))
             self._record(out)
-            ranking = _rank(out.probs, self.top_k)
-            next_predicted = None
-            if k == self.num_stages - 1:
+            # The cascade needs the ratio now: build the result first (the stop reason is set below).
+            result = self._result(out, report.began_at, StopReason.NONE) if threshold < math.inf else None
+            next_predicted = math.nan
+            if k == last:
                 stop = StopReason.COMPLETE
-            elif ranking.ratio_1v2 >= threshold:
+            elif result is not None and result.ratio_1v2 >= threshold:
                 stop = StopReason.CONFIDENT
             elif k + 1 >= cap:
                 stop = StopReason.MAX_STAGE
             else:
                 # The callback runs before the next stage: reserve its recent maximum duration.
-                next_predicted = self._admit(k + 1, self.clock() + self._callback_estimate(), report.deadline)
-                stop = StopReason.NONE if next_predicted is not None else StopReason.DEADLINE
-            self._emit(report, out, ranking, stop, predicted, started, [k], on_result)
+                next_predicted = self._predict(k + 1)
+                fits = self._fits(clock() + self._callback_estimate(), next_predicted, deadline)
+                stop = StopReason.NONE if fits else StopReason.DEADLINE
+            self._emit(report, out, result, stop, predicted, started, k, on_result)
             if stop is not StopReason.NONE:
                 return
             # Re-check after the callback: a stage starts only if it still fits now. If it does not,
             # exit k already went out as not final: hand it over again as the final answer.
-            next_predicted = self._admit(k + 1, self.clock(), report.deadline)
-            if next_predicted is None:
+            if not self._fits(clock(), next_predicted, deadline):
                 self._hand_over(self._repeat_final(report, StopReason.DEADLINE), on_result)
                 return
             k += 1
@@ -583,7 +743,7 @@ class StagedEngine:
             next_handle = self._executor.launch(k + 1) if next_predicted is not None else None
             out = self._executor.wait(handle)
             self._record(out)
-            self._emit(report, out, _rank(out.probs, self.top_k), stop, predicted, started, [k], on_result)
+            self._emit(report, out, None, stop, predicted, started, k, on_result)
             if next_handle is None:
                 return
             k, handle, predicted, started = k + 1, next_handle, next_predicted, next_started
@@ -615,23 +775,29 @@ class StagedEngine:
             stop = StopReason.MAX_STAGE
         else:
             stop = StopReason.DEADLINE
-        self._emit(report, out, _rank(out.probs, self.top_k), stop, predicted, started,
-                   [j for j, _ in out.block_s], on_result)
+        self._emit(report, out, None, stop, predicted, started, chosen, on_result)
 
     # ------------------------------------------------------------------ helpers
+    def _predict(self, k: int) -> float:
+        """Predicted block + head time of stage k at the admission quantile; NaN without timings."""
+        if self.timing.is_calibrated:
+            return self.timing.predict_anytime_completion(k, self.admission_quantile) + self.overhead_s
+        return math.nan
+
+    @staticmethod
+    def _fits(start: float, cost: float, deadline: float | None) -> bool:
+        """Admission: a stage of predicted ``cost`` started at ``start`` ends by ``deadline`` (None: always)."""
+        return deadline is None or (start < deadline and start + cost <= deadline)
+
     def _admit(self, k: int, start: float, deadline: float | None) -> float | None:
         """Predicted completion time of stage k if it fits between ``start`` and ``deadline``, else None.
 
         Without a deadline every stage fits; its prediction is NaN when the model has no timings.
         """
-        if deadline is None:
-            if self.timing.is_calibrated:
-                return self.timing.predict_anytime_completion(k, self.admission_quantile) + self.overhead_s
-            return math.nan
-        if start >= deadline:  # no stage takes zero time: no need to ask the model
+        if deadline is not None and start >= deadline:  # no stage takes zero time: no need to ask the model
             return None
-        cost = self.timing.predict_anytime_completion(k, self.admission_quantile) + self.overhead_s
-        return cost if start + cost <= deadline else None
+        cost = self._predict(k)
+        return cost if self._fits(start, cost, deadline) else None
 
     def _start(self, x: torch.Tensor) -> None:
         """Begin a run on input ``x``: the executor's state and the path sum of this run."""
@@ -639,66 +805,100 @@ class StagedEngine:
         self._path_next, self._path_s = 0, 0.0
 
     def _record(self, out: _StageOutput, force: bool = False) -> None:
+        """Feed one exit's measurements into the timing model, stamped with its ready time."""
         if not (self.online_update or force):
             self._path_next = -1  # a gap in the measured path: no path sums for the rest of this run
             return
+        record, at, stage, head_s = self.timing.record_run, out.ready_time, out.stage, out.head_s
+        head_recorded = False
         for j, block_s in out.block_s:
-            self.timing.record(j, block_s=block_s)
+            path_s = None
             if j == self._path_next:  # blocks 0..j of this run, measured back to back: one path sample
                 self._path_s += block_s
-                self.timing.record_sums(j, path_s=self._path_s)
+                path_s = self._path_s
                 self._path_next += 1
             else:
                 self._path_next = -1
-            if j == out.stage:  # the head ran right after this block: one sample of the stage's total
-                self.timing.record_sums(j, stage_s=block_s + out.head_s)
-        self.timing.record(out.stage, head_s=out.head_s)
-        self._last_measured[out.stage] = out.ready_time
+            if j == stage:  # the head ran right after this block: one sample of the stage's total
+                record(j, block_s, head_s, block_s + head_s, path_s, at)
+                head_recorded = True
+            else:
+                record(j, block_s, None, None, path_s, at)
+        if not head_recorded:
+            self.timing.record(stage, head_s=head_s, at=at)
+        self._last_measured[stage] = at
 
-    def _probe_refused_stage(self, report: RunReport) -> None:
-        """Measure the stage the deadline refused, if it has not been measured lately (starvation guard)."""
+    def _probe_refused_stages(self, report: RunReport) -> None:
+        """Measure the refused stage and the stale deeper ones, within the duty cycle (starvation guard)."""
         if not (self.online_update and self.probe_interval_s > 0.0):
             return
         if report.stop_reason is StopReason.NO_TIME:
-            k = 0
+            first = 0
         elif report.stop_reason is StopReason.DEADLINE and report.mode is not Mode.APRIORI:
-            k = report.stages_run  # the executor holds block k-1's output: stage k can run next
+            first = report.stages_run  # the executor holds block first-1's output: stage first can run next
         else:
             return
-        if k >= self.num_stages or self.clock() - self._last_measured[k] < self.probe_interval_s:
+        now = self.clock()
+        if first >= self.num_stages or now < self._probe_free_at:
             return
-        self._record(self._executor.wait(self._executor.launch(k)))
-        report.probed_stage = k
+        stale = [k for k in range(first, self.num_stages) if now - self._last_measured[k] >= self.probe_interval_s]
+        if not stale:
+            return
+        # Deeper stages need the blocks before them: run first..deepest stale one, one after the other,
+        # but go deeper only while the probes took less than this frame's budget (a spike's stage can
+        # take far longer than predicted before the spike, and the next frame is due).
+        budget = report.deadline - report.began_at
+        probed = []
+        for k in range(first, stale[-1] + 1):
+            self._record(self._executor.wait(self._executor.launch(k)))
+            probed.append(k)
+            if self.clock() - now >= budget:
+                break
+        probed = tuple(probed)
+        end = self.clock()
+        self._probe_free_at = end + (end - now) * (1.0 - self.probe_duty) / self.probe_duty
+        report.probed_stage, report.probed_stages = first, probed
 
     def _callback_estimate(self) -> float:
         return max(self._callback_s) if self._callback_s else 0.0
 
-    def _emit(self, report: RunReport, out: _StageOutput, ranking: _Ranking, stop: StopReason, predicted: float,
-              started: float, blocks: list[int], on_result: Callable[[StageResult], Any] | None) -> None:
-        """Build the StageResult, add it to the report and hand it over."""
-        class_id = ranking.top_ids[0]
-        result = StageResult(
-            stage=out.stage + 1,
-            num_stages=self.num_stages,
-            class_id=class_id,
-            label=self.class_names[class_id] if class_id < len(self.class_names) else str(class_id),
-            score=ranking.top_scores[0],
-            top_ids=ranking.top_ids,
-            top_scores=ranking.top_scores,
-            ratio_1v2=ranking.ratio_1v2,
-            probs=out.probs,
-            ready_time=out.ready_time,
-            elapsed_s=out.ready_time - report.began_at,
-            is_final=stop is not StopReason.NONE,
-            stop_reason=stop,
-        )
+    def _result(self, out: _StageOutput, began: float, stop: StopReason) -> StageResult:
+        """The StageResult of one exit (ranked from its probabilities when first read, see _LazyStageResult)."""
+        if _LAZY_RESULT:
+            result = _new_object(_LazyStageResult)
+            result.__dict__.update(
+                stage=out.stage + 1, num_stages=self.num_stages, probs=out.probs, ready_time=out.ready_time,
+                elapsed_s=out.ready_time - began, is_final=stop is not StopReason.NONE, stop_reason=stop,
+                repeated=False, _ranking_of=(self.top_k, self.class_names))
+            return result
+        top_ids, top_scores, ratio = _rank(out.probs, self.top_k)
+        class_id, names = top_ids[0], self.class_names
+        return StageResult(out.stage + 1, self.num_stages, class_id,
+                           names[class_id] if class_id < len(names) else str(class_id), top_scores[0], top_ids,
+                           top_scores, ratio, out.probs, out.ready_time, out.ready_time - began,
+                           stop is not StopReason.NONE, stop)
+
+    def _emit(self, report: RunReport, out: _StageOutput, result: StageResult | None, stop: StopReason,
+              predicted: float, started: float, deepest: int,
+              on_result: Callable[[StageResult], Any] | None) -> None:
+        """Add the exit's StageResult (built here unless given, with ``stop``) to the report and hand it over."""
+        if result is None:
+            result = self._result(out, report.began_at, stop)
+        elif stop is not StopReason.NONE:  # built before the stop decision (the cascade reads its ratio)
+            if _LAZY_RESULT:  # not handed over yet: nobody saw it as not final
+                result.__dict__.update(is_final=True, stop_reason=stop)
+            else:
+                result = dataclasses.replace(result, is_final=True, stop_reason=stop)
         report.results.append(result)
         report.predicted_s.append(predicted)
-        report.actual_s.append(out.device_s)
+        blocks = out.block_s
+        report.actual_s.append(blocks[0][1] + out.head_s if len(blocks) == 1 else out.device_s)
         report.started_at.append(started)
-        report.stages_run = max(report.stages_run, max(blocks) + 1)
+        if deepest >= report.stages_run:
+            report.stages_run = deepest + 1
         report.stop_reason = stop
-        self._hand_over(result, on_result)
+        if on_result is not None:
+            self._hand_over(result, on_result)
 
     def _hand_over(self, result: StageResult, on_result: Callable[[StageResult], Any] | None) -> None:
         """Call ``on_result``; its duration is kept, as admission reserves the recent maximum for it."""
@@ -743,14 +943,9 @@ class StagedEngine:
             raise EngineError(f"max_stage must be an integer >= 0 (0 = no cap), got {max_stage!r}")
         return min(int(max_stage), self.num_stages)
 
-    @contextlib.contextmanager
-    def _device_scope(self) -> Iterator[None]:
+    def _device_scope(self) -> contextlib.AbstractContextManager[Any]:
         """Make this engine's CUDA device current (streams and events belong to a device)."""
-        if self.device.type == "cuda":
-            with torch.cuda.device(self.device):
-                yield
-        else:
-            yield
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else _NO_SCOPE
 
     def _describe_device(self) -> str:
         """Calibration files are only valid for the same device, precision and execution mode."""
@@ -765,19 +960,30 @@ class StagedEngine:
                 f"calibrated={self.is_calibrated})")
 
 
-@dataclass
-class _Ranking:
-    top_ids: list[int]
-    top_scores: list[float]
-    ratio_1v2: float
+_NO_SCOPE = contextlib.nullcontext()
 
 
-def _rank(probs: np.ndarray, top_k: int) -> _Ranking:
+def _inference_mode() -> contextlib.AbstractContextManager[Any]:
+    """``torch.inference_mode()``, or nothing when the caller already runs in it (benchmarks, the node)."""
+    return _NO_SCOPE if torch.is_inference_mode_enabled() else torch.inference_mode()
+
+
+def _rank(probs: np.ndarray, top_k: int) -> tuple[list[int], list[float], float]:
     """Top-k ids and scores (best first, ties by lower id) and the 1-vs-2 ratio.
 
-    The runner-up is floored at RATIO_EPSILON so the ratio stays finite.
+    The runner-up is floored at RATIO_EPSILON so the ratio stays finite. Up to
+    64 classes a Python sort of the values is cheaper than numpy's argsort of
+    a small array (stable, so ties keep the lower id first, as argsort does).
     """
+    n = len(probs)
+    if n <= 64:
+        values = probs.tolist()
+        order = sorted(range(n), key=values.__getitem__, reverse=True)
+        top_ids = order[:top_k]
+        top_scores = [values[i] for i in top_ids]
+        p2 = values[order[1]] if n > 1 else 0.0
+        return top_ids, top_scores, top_scores[0] / max(p2, RATIO_EPSILON)
     order = np.argsort(-probs, kind="stable")
     p1, p2 = probs[order[:2]].tolist()
     top = order[:top_k]
-    return _Ranking(top.tolist(), probs[top].tolist(), p1 / max(p2, RATIO_EPSILON))
+    return top.tolist(), probs[top].tolist(), p1 / max(p2, RATIO_EPSILON)
