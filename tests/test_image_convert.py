@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import array
 import importlib.metadata
+import io
+import json
+import os
+import struct
+import subprocess
 import sys
+import threading
 import tracemalloc
+import zlib
+from pathlib import Path
+
+import cv2
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from impatient_ros.ros import image_convert
 from impatient_ros.ros.image_convert import (
+    DEFAULT_MAX_DECODED_BYTES,
     REASONS,
     SUPPORTED_ENCODINGS,
     DecodedImage,
@@ -452,6 +464,7 @@ def corrupt_payloads(jpeg: bytes, png: bytes) -> dict:
         "empty jpeg": ("jpeg", b"", "empty_data"),
         "empty array": ("png", np.zeros(0, np.uint8), "empty_data"),
         "jpeg cut in half": ("jpeg", jpeg[: len(jpeg) // 2], "truncated"),
+        "jpeg cut at a third, EOI re-appended": ("jpeg", jpeg[: len(jpeg) // 3] + b"\xff\xd9", "decode_failed"),
         "jpeg without EOI": ("jpeg", jpeg[:-2], "truncated"),
         "jpeg cut in header": ("jpeg", jpeg[:40], "truncated"),
         "png cut in half": ("png", png[: len(png) // 2], "truncated"),
@@ -532,6 +545,251 @@ def test_fuzz_mutated_compressed_data_decodes_or_raises(codec, cut, edits, fmt, 
     event("decoded")
     assert decoded.array.ndim == 3 and decoded.channels in (1, 3, 4)
     assert decoded.height * decoded.width <= 10_000
+
+
+# ------------------------------------------------------------- decoder warnings reject the frame
+
+
+def gradient_jpeg(width: int = 640, height: int = 480) -> bytes:
+    ramp = (np.add.outer(np.linspace(0, 127, height), np.linspace(0, 127, width))).astype(np.uint8)
+    return array_to_compressed(np.repeat(ramp[:, :, None], 3, axis=2), "jpeg")["data"]
+
+
+def test_jpeg_cut_short_with_its_end_marker_is_rejected_not_classified(capfd):
+    """The reported case: a 640x480 JPEG cut at a third, FF D9 re-appended."""
+    jpeg = gradient_jpeg()
+    cut = jpeg[: len(jpeg) // 3] + b"\xff\xd9"
+    # The premise: OpenCV returns an image for it, its bottom 60 % one flat grey.
+    premise = cv2.imdecode(np.frombuffer(cut, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert premise is not None and premise.shape == (480, 640, 3)
+    assert premise[int(0.4 * 480):].std() == 0.0
+    capfd.readouterr()
+    with pytest.raises(ImageConversionError) as caught:
+        compressed_to_array("jpeg", cut)
+    assert caught.value.reason == "decode_failed"
+    assert "Corrupt JPEG data: premature end of data segment" in caught.value.message
+    # libjpeg's own line still reaches stderr (nothing swallowed), and fd 2 is ours again afterwards.
+    os.write(2, b"after the decode\n")
+    err = capfd.readouterr().err
+    assert "Corrupt JPEG data" in err and err.rstrip().endswith("after the decode")
+    assert compressed_to_array("jpeg", jpeg).array.shape == (480, 640, 3)  # the whole file is fine
+    assert capfd.readouterr().err == ""
+
+
+def test_jpeg_bit_error_in_the_scan_is_rejected():
+    corrupt = bytearray(gradient_jpeg(64, 48))
+    corrupt[corrupt.find(b"\xff\xda") + 40] ^= 0x55
+    assert cv2.imdecode(np.frombuffer(bytes(corrupt), np.uint8), cv2.IMREAD_UNCHANGED) is not None  # premise
+    with pytest.raises(ImageConversionError) as caught:
+        compressed_to_array("jpeg", bytes(corrupt))
+    assert caught.value.reason == "decode_failed" and "Corrupt JPEG data" in caught.value.message
+
+
+def fake_decoder(printed: bytes):
+    """A cv2.imdecode stand-in that prints to fd 2 (as libjpeg does) and returns a valid image."""
+    real = cv2.imdecode
+
+    def imdecode(buffer, flags):
+        os.write(2, printed)
+        return real(buffer, flags)
+
+    return imdecode
+
+
+@pytest.mark.parametrize(
+    "printed, rejected",
+    [
+        (b"libpng warning: IDAT: Too much image data\n", True),
+        (b"Premature end of JPEG file\n", True),
+        (b"[ WARN:0@1.234] global grfmt_png.cpp (123) readData imgcodecs: something odd\n", True),
+        (b"[WARN] [1764620000.123456789] [impatient_node]: budget rejected\n", False),  # another thread's log
+        (b"\n", False),
+    ],
+)
+def test_what_the_decoder_prints_is_a_warning_but_log_records_are_not(monkeypatch, capfd, png_bytes,
+                                                                      printed, rejected):
+    monkeypatch.setattr(image_convert.cv2, "imdecode", fake_decoder(printed))
+    capfd.readouterr()
+    if rejected:
+        with pytest.raises(ImageConversionError) as caught:
+            compressed_to_array("png", png_bytes)
+        assert caught.value.reason == "decode_failed"
+        assert printed.decode().strip() in caught.value.message
+    else:
+        assert compressed_to_array("png", png_bytes).array.shape == (24, 32, 3)
+    assert capfd.readouterr().err == printed.decode()  # passed on to the real stderr either way
+
+
+def test_concurrent_decodes_keep_their_warnings_apart():
+    good, cut = gradient_jpeg(320, 240), None
+    cut = good[: len(good) // 3] + b"\xff\xd9"
+    outcomes: list[tuple[bool, bool]] = []
+
+    def worker(index: int) -> None:
+        for round_ in range(6):
+            damaged = (index + round_) % 2 == 1
+            try:
+                compressed_to_array("jpeg", cut if damaged else good)
+                outcomes.append((damaged, False))
+            except ImageConversionError:
+                outcomes.append((damaged, True))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(outcomes) == 24 and all(damaged == rejected for damaged, rejected in outcomes)
+
+
+# ------------------------------------------------------------- decoded-size bound
+
+
+def constant_png(width: int, height: int, channels: int = 4, depth: int = 16, colour_type: int = 6) -> bytes:
+    """A valid PNG of zeros, compressed row by row (never holds the decoded image)."""
+    row = bytes(1 + width * channels * depth // 8)  # filter byte 0 + the row
+    deflate = zlib.compressobj(9)
+    idat = b"".join([deflate.compress(row) for _ in range(height)] + [deflate.flush()])
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def png_bomb(tmp_path_factory) -> Path:
+    """The reported file: 7000x7000 16-bit RGBA (392 MB decoded, 49 MP: under max_pixels) in 381 KB."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    path.write_bytes(constant_png(7000, 7000))
+    return path
+
+
+def test_small_png_declaring_a_huge_16_bit_image_is_refused_from_its_header(png_bomb):
+    data = png_bomb.read_bytes()
+    assert len(data) < 400_000 and 7000 * 7000 < image_convert.DEFAULT_MAX_PIXELS
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageConversionError) as caught:
+            compressed_to_array("png", data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert caught.value.reason == "too_large"
+    assert "392000000 bytes" in caught.value.message and "max_decoded_bytes" in caught.value.message
+    assert peak < 1_000_000
+
+
+_PEAK_CHILD = r"""
+import json, resource, sys
+import numpy as np
+from impatient_ros.ros.image_convert import ImageConversionError, array_to_compressed, compressed_to_array
+from impatient_ros.runtime.preprocess import Preprocessor
+
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+pre = Preprocessor({"input_size": [32, 32], "channels": "gray", "mean": [0.286], "std": [0.353]})
+warm = array_to_compressed(np.zeros((64, 64, 4), np.uint16), "png")["data"]
+pre(compressed_to_array("png", warm).array, "bgra")
+bomb, allowed = (open(path, "rb").read() for path in sys.argv[1:3])
+base = peak()
+try:
+    compressed_to_array("png", bomb)
+    raise SystemExit("the bomb was decoded")
+except ImageConversionError as exc:
+    reason = exc.reason
+after_bomb = peak()
+image = compressed_to_array("png", allowed)
+x = pre(image.array, image.channel_order)
+print(json.dumps({"reason": reason, "bomb": after_bomb - base, "decoded": image.array.nbytes,
+                  "allowed": peak() - after_bomb, "shape": list(x.shape)}))
+"""
+
+
+def test_one_compressed_frame_costs_bounded_memory_end_to_end(png_bomb, tmp_path):
+    """Peak RSS in a fresh process: the bomb adds nothing; a 3000x3000 rgba16 PNG (72 MB decoded,
+    under the limit) decoded and preprocessed adds about OpenCV's two copies of the array plus the
+    OpenCV path's one uint16 plane (1/4 of it), never a float copy of the frame."""
+    allowed = tmp_path / "allowed.png"
+    allowed.write_bytes(constant_png(3000, 3000))
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(png_bomb), str(allowed)], capture_output=True,
+                          text=True, timeout=300, cwd=root,
+                          env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["reason"] == "too_large" and result["shape"] == [1, 1, 32, 32]
+    assert result["bomb"] < 8 * 2**20, result
+    assert result["allowed"] < 2.5 * result["decoded"], result
+
+
+def _pil_png(mode: str, **save) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(5).integers(0, 255, (9, 11, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if mode == "L":
+        image = image.convert("L")
+    elif mode in ("LA", "P"):
+        image = image.convert(mode)
+    elif mode == "1":
+        image = image.convert("1")
+    elif mode == "I;16":
+        image = Image.fromarray(pixels[:, :, 0].astype(np.uint16) * 257)
+    out = io.BytesIO()
+    image.save(out, format="PNG", **save)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["gray", "gray+tRNS", "1-bit", "gray16", "gray+alpha", "rgb", "rgb+tRNS", "palette", "palette+tRNS",
+     "bgra16", "bgr16"],
+)
+def test_png_header_predicts_the_decoded_bytes_exactly(case):
+    data = {
+        "gray": lambda: _pil_png("L"),
+        "gray+tRNS": lambda: _pil_png("L", transparency=5),
+        "1-bit": lambda: _pil_png("1"),
+        "gray16": lambda: _pil_png("I;16"),
+        "gray+alpha": lambda: _pil_png("LA"),
+        "rgb": lambda: _pil_png("RGB"),
+        "rgb+tRNS": lambda: _pil_png("RGB", transparency=(1, 2, 3)),
+        "palette": lambda: _pil_png("P"),
+        "palette+tRNS": lambda: _pil_png("P", transparency=0),
+        "bgra16": lambda: array_to_compressed(random_image("bgra16", 9, 11), "png")["data"],
+        "bgr16": lambda: array_to_compressed(random_image("bgr16", 9, 11), "png")["data"],
+    }[case]()
+    decoded = compressed_to_array("png", data)
+    exact = decoded.array.nbytes
+    assert compressed_to_array("png", data, max_decoded_bytes=exact).array.nbytes == exact
+    with pytest.raises(ImageConversionError) as caught:
+        compressed_to_array("png", data, max_decoded_bytes=exact - 1)
+    assert caught.value.reason == "too_large"
+
+
+def test_jpeg_header_bound_counts_a_progressive_jpegs_coefficients():
+    image = random_image("bgr8", 48, 64)
+    baseline = array_to_compressed(image, "jpeg")["data"]
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    progressive = encoded.tobytes()
+    gray = array_to_compressed(image[:, :, :1], "jpeg")["data"]
+    array_bytes = 48 * 64 * 3
+    assert compressed_to_array("jpeg", baseline, max_decoded_bytes=array_bytes).array.nbytes == array_bytes
+    assert compressed_to_array("jpeg", gray, max_decoded_bytes=48 * 64).array.shape == (48, 64, 1)
+    with pytest.raises(ImageConversionError, match="progressive"):
+        compressed_to_array("jpeg", progressive, max_decoded_bytes=array_bytes)
+    # 4:2:0: luma 48x64 plus two 24x32 chroma planes, 2 bytes per coefficient.
+    coefficients = (48 * 64 + 2 * 24 * 32) * 2
+    decoded = compressed_to_array("jpeg", progressive, max_decoded_bytes=array_bytes + coefficients)
+    assert decoded.array.shape == (48, 64, 3)
+
+
+def test_decoded_byte_limit_is_validated_and_defaults():
+    assert DEFAULT_MAX_DECODED_BYTES == 128 * 2**20
+    with pytest.raises(ValueError):
+        compressed_to_array("png", b"x", max_decoded_bytes=0)
 
 
 # ------------------------------------------------------------- ROS 2 cv_bridge cross-check

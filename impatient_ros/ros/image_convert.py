@@ -28,14 +28,28 @@ Contracts
   produces most such buffers, stores colour as BGR.
 * Compressed images come out in OpenCV's order: ``gray``, ``bgr`` or ``bgra``,
   uint8 or uint16 (16-bit PNG).
+* Compressed images are bounded twice before decoding, from their headers: by
+  pixels (``max_pixels``) and by decoded bytes (``max_decoded_bytes``: the
+  array from the header's size, bit depth and channels, plus a progressive
+  JPEG's coefficient buffer). A small PNG can declare a huge image (7000x7000
+  16-bit RGBA is 392 MB from a 381 KB file).
+* A decoder *warning* rejects the frame (``"decode_failed"``). libjpeg decodes
+  a JPEG whose scan data was cut short (or hit a bit error) into a partly flat
+  grey image and only prints "Corrupt JPEG data: ..." to stderr; such an image
+  must not be classified. See :func:`_decode_checked` for how it is detected.
 * Bad *tuning* arguments (``max_pixels``, ``quality``, ...) are programming
   errors and raise ``ValueError``, so they never count as message failures.
 """
 
 from __future__ import annotations
 
+import ctypes
 import operator
+import os
+import re
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +58,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_MAX_COMPRESSED_BYTES",
+    "DEFAULT_MAX_DECODED_BYTES",
     "DEFAULT_MAX_PIXELS",
     "REASONS",
     "SUPPORTED_ENCODINGS",
@@ -60,6 +75,12 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 50_000_000
 # Compressed payloads larger than this are refused before decoding.
 DEFAULT_MAX_COMPRESSED_BYTES = 100 * 2**20
+# What one compressed image may decode to, from its header: the decoded array, plus
+# the coefficient buffer a progressive JPEG needs. 8K UHD bgr8 (99.5 MB) and 4K
+# bgra16 (66 MB) fit; a 7000x7000 rgba16 PNG (392 MB from a 381 KB file) does not.
+# OpenCV (5.0) holds a second copy of the array while it hands it over, so one
+# decode's peak is about twice the decoded size.
+DEFAULT_MAX_DECODED_BYTES = 128 * 2**20
 
 REASONS = frozenset(
     {
@@ -67,7 +88,7 @@ REASONS = frozenset(
         "bad_endianness",  # is_bigendian is not 0/1
         "bad_field",  # height/width/step not a non-negative integer
         "zero_size",  # height or width is 0
-        "too_large",  # more than max_pixels pixels, or more than max_bytes bytes
+        "too_large",  # more than max_pixels pixels, max_bytes bytes or max_decoded_bytes decoded
         "bad_step",  # step shorter than a row, or not a multiple of the element size
         "bad_data",  # data is not a contiguous byte buffer
         "short_data",  # fewer than step * height bytes
@@ -76,7 +97,7 @@ REASONS = frozenset(
         "unsupported_format",  # compressed format string names no JPEG/PNG codec
         "format_mismatch",  # format string says JPEG but the bytes are PNG, or vice versa
         "truncated",  # compressed payload ends before its end marker
-        "decode_failed",  # corrupt compressed payload (OpenCV or header parse failed)
+        "decode_failed",  # corrupt compressed payload (header parse, OpenCV failed or warned)
         "bad_array",  # array_to_*: array shape/dtype does not fit the encoding
         "encode_failed",  # array_to_compressed: OpenCV could not encode
     }
@@ -286,18 +307,22 @@ def compressed_to_array(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_COMPRESSED_BYTES,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> DecodedImage:
     """Decode the fields of a ``sensor_msgs/CompressedImage`` (JPEG or PNG).
 
     ``format`` is a ROS format string: ``"jpeg"``, ``"png"`` or image_transport's
     ``"<encoding>; <jpeg|png> compressed <encoding>"``; an empty string means
     "identify the codec by its signature". The payload's signature must agree
-    with the format. Image size is read from the JPEG/PNG header and checked
-    against ``max_pixels`` before OpenCV allocates anything. The result is in
-    OpenCV order (``gray``/``bgr``/``bgra``), uint8, or uint16 for 16-bit PNG.
+    with the format. Image size, bit depth and channels are read from the
+    JPEG/PNG header and checked against ``max_pixels`` and ``max_decoded_bytes``
+    before OpenCV allocates anything; a decoder warning rejects the image. The
+    result is in OpenCV order (``gray``/``bgr``/``bgra``), uint8, or uint16 for
+    16-bit PNG.
     """
     _check_positive_limit("max_pixels", max_pixels)
     _check_positive_limit("max_bytes", max_bytes)
+    _check_positive_limit("max_decoded_bytes", max_decoded_bytes)
     declared = _codec_from_format(format)
     buffer = _as_byte_array(data)
     if buffer.size == 0:
@@ -314,20 +339,38 @@ def compressed_to_array(
             "format_mismatch",
             f"format {format!r} says {declared} but the data is {actual}; fix the publisher's format field",
         )
-    width, height = _png_size(view) if actual == "png" else _jpeg_size(view)
+    header = _png_header(view) if actual == "png" else _jpeg_header(view)
+    width, height = header.width, header.height
     if width * height > max_pixels:
         raise ImageConversionError(
             "too_large",
             f"{actual} header declares {width}x{height} = {width * height} pixels, "
             f"more than max_pixels={max_pixels}",
         )
+    if header.decoded_bytes > max_decoded_bytes:
+        raise ImageConversionError(
+            "too_large",
+            f"{actual} header declares {width}x{height} {header.describe}: decoding needs "
+            f"{header.decoded_bytes} bytes, more than max_decoded_bytes={max_decoded_bytes}",
+        )
     _check_end_marker(actual, view)
-    try:
-        decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:
-        raise ImageConversionError("decode_failed", f"OpenCV could not decode the {actual}: {exc}") from exc
+    decoded, messages = _decode_checked(buffer)
     if decoded is None:
-        raise ImageConversionError("decode_failed", f"OpenCV could not decode the {actual} data (corrupt?)")
+        said = f": {messages}" if messages else " (corrupt?)"
+        raise ImageConversionError("decode_failed", f"OpenCV could not decode the {actual} data{said}")
+    if messages:
+        raise ImageConversionError(
+            "decode_failed",
+            f"the {actual} decoder warned ({messages}): the image is damaged (e.g. cut short and "
+            "padded with grey), so it is not used",
+        )
+    if decoded.nbytes > header.output_bytes:
+        # The header arithmetic is what bounds memory; a larger result means it is wrong for this file.
+        raise ImageConversionError(
+            "decode_failed",
+            f"decoded {decoded.shape} {decoded.dtype} ({decoded.nbytes} bytes) exceeds the "
+            f"{header.output_bytes} bytes its header allows",
+        )
     if decoded.ndim == 2:
         decoded = decoded[:, :, np.newaxis]
     order = {1: "gray", 3: "bgr", 4: "bgra"}.get(decoded.shape[2])
@@ -535,9 +578,34 @@ def _sniff_codec(view: memoryview) -> str:
     raise ImageConversionError("decode_failed", "data starts with neither a JPEG nor a PNG signature")
 
 
-def _png_size(view: memoryview) -> tuple[int, int]:
-    # Signature (8), then the IHDR chunk: length (4), b"IHDR", width (4), height (4), ...
-    if len(view) < 24:
+@dataclass(frozen=True)
+class _Header:
+    """What a JPEG/PNG header says about the decoded image and the decoder's memory."""
+
+    width: int
+    height: int
+    output_bytes: int  # the array OpenCV returns (IMREAD_UNCHANGED)
+    decoded_bytes: int  # that plus what the decoder holds for a whole image (progressive JPEG)
+    describe: str  # e.g. "16-bit, 4 channel(s)", for messages
+
+
+# PNG colour type -> (channels OpenCV returns, allowed bit depths). Types 2 and 3 gain an
+# alpha channel (BGRA) when a tRNS chunk is present; gray (0) ignores tRNS.
+_PNG_COLOUR_TYPES = {0: (1, (1, 2, 4, 8, 16)), 2: (3, (8, 16)), 3: (3, (1, 2, 4, 8)), 4: (4, (8, 16)),
+                     6: (4, (8, 16))}
+_PNG_MAX_CHUNKS = 4096  # chunks looked at before IDAT; bounds the walk
+# Progressive JPEG frames: the decoder buffers every DCT coefficient (2 bytes) of the image.
+_JPEG_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _png_header(view: memoryview) -> _Header:
+    # Signature (8), then the IHDR chunk: length (4), b"IHDR", width (4), height (4),
+    # bit depth (1), colour type (1), compression, filter, interlace, CRC.
+    if len(view) < 26:
         raise ImageConversionError("truncated", f"PNG of {len(view)} bytes ends inside its header")
     if view[12:16] != b"IHDR":
         raise ImageConversionError("decode_failed", "PNG does not start with an IHDR chunk")
@@ -545,10 +613,32 @@ def _png_size(view: memoryview) -> tuple[int, int]:
     height = int.from_bytes(view[20:24], "big")
     if width == 0 or height == 0:
         raise ImageConversionError("decode_failed", f"PNG header declares a {width}x{height} image")
-    return width, height
+    depth, colour = view[24], view[25]
+    channels, depths = _PNG_COLOUR_TYPES.get(colour, (0, ()))
+    if depth not in depths:
+        raise ImageConversionError("decode_failed", f"PNG header declares colour type {colour} at {depth} bits")
+    if colour in (2, 3) and _png_has_chunk_before_idat(view, b"tRNS"):
+        channels = 4
+    output = width * height * channels * (2 if depth == 16 else 1)
+    # libpng decodes straight into OpenCV's array (row pointers), interlaced images included.
+    return _Header(width, height, output, output, f"{depth}-bit, {channels} channel(s)")
 
 
-def _jpeg_size(view: memoryview) -> tuple[int, int]:
+def _png_has_chunk_before_idat(view: memoryview, name: bytes) -> bool:
+    pos = 8  # after the signature; every chunk: length (4), type (4), data, CRC (4)
+    for _ in range(_PNG_MAX_CHUNKS):
+        if pos + 8 > len(view):
+            return False  # cut short: the end-marker check or the decoder refuses it
+        kind = bytes(view[pos + 4 : pos + 8])
+        if kind == name:
+            return True
+        if kind in (b"IDAT", b"IEND"):
+            return False
+        pos += 12 + int.from_bytes(view[pos : pos + 4], "big")
+    raise ImageConversionError("decode_failed", f"PNG: no image data in its first {_PNG_MAX_CHUNKS} chunks")
+
+
+def _jpeg_header(view: memoryview) -> _Header:
     # Walk the marker segments after SOI up to the frame header (SOFn), which
     # holds the size; it must come before the first scan (SOS).
     size = len(view)
@@ -577,18 +667,47 @@ def _jpeg_size(view: memoryview) -> tuple[int, int]:
         if length < 2:
             raise ImageConversionError("decode_failed", f"JPEG segment length {length} at byte {pos}")
         if marker in _JPEG_SOF_MARKERS:
-            if pos + 7 > size:
-                break
-            height = int.from_bytes(view[pos + 3 : pos + 5], "big")
-            width = int.from_bytes(view[pos + 5 : pos + 7], "big")
-            if width == 0 or height == 0:
-                # Height 0 means "defined later by DNL", which libjpeg cannot decode.
-                raise ImageConversionError("decode_failed", f"JPEG frame header declares {width}x{height}")
-            return width, height
+            return _jpeg_frame(view, pos, marker)
         pos += length
     else:
         raise ImageConversionError("decode_failed", f"JPEG: no frame header in {_JPEG_MAX_SEGMENTS} segments")
     raise ImageConversionError("truncated", f"JPEG of {size} bytes ends before its frame header")
+
+
+def _jpeg_frame(view: memoryview, pos: int, marker: int) -> _Header:
+    # Frame header at pos: length (2), precision (1), height (2), width (2), components (1),
+    # then per component: id (1), sampling factors H << 4 | V (1), quantisation table (1).
+    if pos + 8 > len(view):
+        raise ImageConversionError("truncated", f"JPEG of {len(view)} bytes ends inside its frame header")
+    precision = view[pos + 2]
+    height = int.from_bytes(view[pos + 3 : pos + 5], "big")
+    width = int.from_bytes(view[pos + 5 : pos + 7], "big")
+    components = view[pos + 7]
+    if width == 0 or height == 0:
+        # Height 0 means "defined later by DNL", which libjpeg cannot decode.
+        raise ImageConversionError("decode_failed", f"JPEG frame header declares {width}x{height}")
+    if components == 0:
+        raise ImageConversionError("decode_failed", "JPEG frame header declares no components")
+    if pos + 8 + 3 * components > len(view):
+        raise ImageConversionError("truncated", f"JPEG of {len(view)} bytes ends inside its frame header")
+    factors = [(view[pos + 9 + 3 * i] >> 4, view[pos + 9 + 3 * i] & 15) for i in range(components)]
+    if any(not (1 <= h <= 4 and 1 <= v <= 4) for h, v in factors):
+        raise ImageConversionError("decode_failed", f"JPEG sampling factors {factors} out of range 1..4")
+    sample_bytes = 2 if precision > 8 else 1
+    output = width * height * (1 if components == 1 else 3) * sample_bytes  # gray, or BGR (also from CMYK)
+    coefficients = 0
+    if marker in _JPEG_PROGRESSIVE:
+        h_max, v_max = max(h for h, _ in factors), max(v for _, v in factors)
+        for h, v in factors:
+            # 8x8 blocks of the component, padded to whole MCUs, 64 coefficients of 2 bytes each.
+            blocks_w = _ceil_div(_ceil_div(width * h, h_max), 8)
+            blocks_h = _ceil_div(_ceil_div(height * v, v_max), 8)
+            blocks_w += -blocks_w % h
+            blocks_h += -blocks_h % v
+            coefficients += blocks_w * blocks_h * 128
+    kind = "progressive, " if coefficients else ""
+    return _Header(width, height, output, output + coefficients,
+                   f"{kind}{precision}-bit, {components} component(s)")
 
 
 def _check_end_marker(codec: str, view: memoryview) -> None:
@@ -602,3 +721,110 @@ def _check_end_marker(codec: str, view: memoryview) -> None:
         raise ImageConversionError(
             "truncated", f"{codec} data of {len(view)} bytes has no end marker: truncated in transit?"
         )
+
+
+# ------------------------------------------------------------------ decoding with warnings seen
+
+# OpenCV's JPEG decoder keeps libjpeg's default message handler, which prints a
+# warning ("Corrupt JPEG data: premature end of data segment") with fprintf to the
+# C stderr and decodes on, filling what is missing with grey; libpng prints
+# "libpng warning: ..." the same way. OpenCV exposes neither a warning count nor
+# a callback, and cv2.utils.logging does not reach these messages (they bypass
+# OpenCV's logger). So while OpenCV decodes, file descriptor 2 points at a
+# private in-memory file, and whatever the decoder printed there is a warning.
+#
+# Alternatives rejected: PIL with ImageFile.LOAD_TRUNCATED_IMAGES = False decodes
+# the cut-then-EOI-appended JPEG without complaint (its libjpeg message handler is
+# silent, and no data is missing from its point of view); parsing the segment
+# structure cannot tell a short entropy-coded segment from a complete one
+# without Huffman-decoding it; a second decoder would double the decoding cost.
+#
+# fd 2 is process-wide: output of other threads during a decode lands in the
+# same file. Nothing is lost (everything captured is written to the real stderr
+# afterwards, so libjpeg's text still shows as before), and lines in rcutils'
+# console format (the node's own log records) are not taken for decoder
+# messages. Decodes are serialised by a lock so two cannot mix their messages.
+_DECODE_LOCK = threading.Lock()
+_LOG_RECORD = re.compile(r"^\[(DEBUG|INFO|WARN|ERROR|FATAL)\] \[\d")
+_MAX_MESSAGE_CHARS = 300
+_capture: dict[str, int] = {"pid": -1, "fd": -1}
+
+
+def _capture_file() -> int:
+    """This process's in-memory file for fd 2 during decodes (a forked child makes its own)."""
+    if _capture["pid"] != os.getpid():
+        try:
+            fd = os.memfd_create("image_convert_stderr", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):  # not Linux: an unlinked temporary file
+            with tempfile.TemporaryFile() as tmp:
+                fd = os.dup(tmp.fileno())
+        _capture.update(pid=os.getpid(), fd=fd)
+    return _capture["fd"]
+
+
+try:
+    _LIBC: Any = ctypes.CDLL(None)  # the C library, for fflush
+except OSError:  # pragma: no cover - CPython on Linux and macOS can always load it
+    _LIBC = None
+
+
+def _flush_c_stdio() -> None:
+    # libjpeg/libpng write through the C library's stderr, unbuffered by default; flushing
+    # makes the capture independent of that default.
+    try:
+        _LIBC.fflush(None)
+    except (AttributeError, OSError):
+        pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError:
+        pass  # stderr closed or a broken pipe: nowhere to show it
+
+
+def _decode_checked(buffer: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """``cv2.imdecode`` (IMREAD_UNCHANGED) and what the decoder printed while decoding.
+
+    Returns ``(array or None, messages)``; ``messages`` is empty for a clean decode.
+    """
+    with _DECODE_LOCK:
+        capture = _capture_file()
+        os.ftruncate(capture, 0)
+        os.lseek(capture, 0, os.SEEK_SET)
+        try:
+            sys.stderr.flush()  # Python's buffered text so far goes to the real stderr first
+        except (AttributeError, OSError, ValueError):
+            pass
+        _flush_c_stdio()
+        try:
+            saved = os.dup(2)
+        except OSError:
+            saved = None  # fd 2 closed: capture anyway, close it again afterwards
+        error = ""
+        os.dup2(capture, 2)
+        try:
+            try:
+                decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+            except cv2.error as exc:
+                decoded, error = None, " ".join(str(exc).split())
+            _flush_c_stdio()
+        finally:
+            if saved is None:
+                os.close(2)
+            else:
+                os.dup2(saved, 2)
+                os.close(saved)
+        printed = os.lseek(capture, 0, os.SEEK_CUR)
+        os.lseek(capture, 0, os.SEEK_SET)
+        captured = os.read(capture, printed) if printed else b""
+    if captured:
+        _write_all(2, captured)
+    lines = [line.strip() for line in captured.decode("utf-8", "replace").splitlines()]
+    messages = [line for line in lines if line and not _LOG_RECORD.match(line)]
+    if error:
+        messages.append(error)
+    text = "; ".join(messages)
+    return decoded, text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 3] + "..."
