@@ -18,11 +18,18 @@ A launch is run the way ``ros2 launch`` runs it (``ros2launch.api.launch_a_launc
 in its own process. Its packages come from an ament prefix made here that
 points at the source tree: ``lib/impatient_ros/<executable>`` runs ``bin/<executable>``
 with this Python, ``share/impatient_ros/{launch,config}`` are the repository's
-(the pip layout itself is checked by tests/test_build.py).
+(the pip layout itself is checked by tests/test_build.py). To launch an
+installed package instead (a pip install's venv or prefix, a colcon
+``install/impatient_ros``), name its prefix in ``IMPATIENT_LAUNCH_PREFIX``; the
+source tree then stays off the launched processes' path (give the prefix's
+site-packages in PYTHONPATH if it is not the running venv). Make such a
+prefix with a fresh venv, not ``pip install --prefix`` from the project's venv:
+pip then uninstalls the venv's own impatient_ros first.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -59,11 +66,16 @@ SHOW_ARGS = (
 )
 
 
+INSTALLED_PREFIX = os.environ.get("IMPATIENT_LAUNCH_PREFIX", "")
+
+
 def _launch_pythonpath() -> str:
     extra = [p for p in os.environ.get("IMPATIENT_LAUNCH_PATH", "").split(os.pathsep) if p]
-    return os.pathsep.join([*extra, str(REPO), *filter(None, [os.environ.get("PYTHONPATH", "")])])
+    source = [] if INSTALLED_PREFIX else [str(REPO)]
+    return os.pathsep.join([*extra, *source, *filter(None, [os.environ.get("PYTHONPATH", "")])])
 
 
+@functools.cache
 def _launch_import_error() -> str | None:
     env = {**os.environ, "PYTHONPATH": _launch_pythonpath()}
     probe = subprocess.run([sys.executable, "-c", "import launch, launch_ros.actions, ros2launch.api"],
@@ -74,17 +86,20 @@ def _launch_import_error() -> str | None:
     return last
 
 
-_IMPORT_ERROR = _launch_import_error()
-pytestmark = pytest.mark.skipif(
-    _IMPORT_ERROR is not None,
-    reason=f"launch/launch_ros/ros2launch cannot be imported ({_IMPORT_ERROR}); they are on no package "
-           "registry: set IMPATIENT_LAUNCH_PATH to a folder holding them (see this module's docstring)",
-)
+@pytest.fixture(scope="module", autouse=True)
+def _needs_launch() -> None:
+    # A fixture, not a skipif mark: the import probe (a Python start) runs only when a test here runs.
+    error = _launch_import_error()
+    if error is not None:
+        pytest.skip(f"launch/launch_ros/ros2launch cannot be imported ({error}); they are on no package "
+                    "registry: set IMPATIENT_LAUNCH_PATH to a folder holding them (see this module's docstring)")
 
 
 @pytest.fixture(scope="module")
 def prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ament prefix whose impatient_ros is the source tree (what FindPackageShare and Node() look up)."""
+    if INSTALLED_PREFIX:
+        return Path(INSTALLED_PREFIX)
     root = tmp_path_factory.mktemp("ament_prefix")
     index = root / "share" / "ament_index" / "resource_index" / "packages"
     index.mkdir(parents=True)
