@@ -290,3 +290,10 @@ def test_lazy_windows_match_eager_updates():
             window = values[max(0, i - 31):i + 1]
             assert model.block_cost(0, 0.9) == pytest.approx(np.quantile(window, 0.9))
     assert model.block_samples(0) == pytest.approx(list(values[-32:]))
+
+
+def test_a_window_nobody_reads_stays_bounded():
+    model = TimingModel(1, window=16)
+    for i in range(1000):
+        model.record_run(0, 0.001 * (i % 7), None, None, None, at=float(i))
+    assert len(model._block[0].pending) < 16 and len(model._block[0].recent) == 16

@@ -64,8 +64,9 @@ class _Window:
     pending samples in when the window is next read. A window read after every
     sample (the stage sums the admission asks for) pays one sorted insertion per
     sample; one read rarely (the parts, in anytime mode) is rebuilt by one sort
-    once a quarter of its size is pending, O(log n) per sample. So recording
-    after every exit costs a few appends.
+    when read with a quarter of its size pending, and at the latest when a full
+    window's worth is pending (so what waits stays bounded), O(log n) per sample.
+    So recording after every exit costs a few appends.
     """
 
     __slots__ = ("size", "recent", "times", "ordered", "peaks", "serial", "pending")
@@ -80,7 +81,10 @@ class _Window:
         self.pending: list[tuple[float, float]] = []
 
     def add(self, value: float, at: float) -> None:
-        self.pending.append((value, at))
+        pending = self.pending
+        pending.append((value, at))
+        if len(pending) >= self.size:  # a window nobody reads: keep what waits bounded
+            self._sync()
 
     def _sync(self) -> None:
         """Take the pending samples into the window, the sorted copy and the peaks."""
@@ -272,19 +276,19 @@ class TimingModel:
             self._check_stage(stage)
         if not 0.0 <= block_s < math.inf:  # also rejects NaN
             raise TimingError(f"block time of stage {stage} must be a finite number >= 0 s, got {block_s!r}")
-        self._block[stage].pending.append((float(block_s), at))
+        self._block[stage].add(float(block_s), at)
         if head_s is not None:
             if not 0.0 <= head_s < math.inf:
                 self._add("head", stage, head_s, at)  # raises the usual error
-            self._head[stage].pending.append((float(head_s), at))
+            self._head[stage].add(float(head_s), at)
         if stage_s is not None:
             if not 0.0 <= stage_s < math.inf:
                 self._add("stage", stage, stage_s, at)
-            self._stage[stage].pending.append((float(stage_s), at))
+            self._stage[stage].add(float(stage_s), at)
         if path_s is not None:
             if not 0.0 <= path_s < math.inf:
                 self._add("path", stage, path_s, at)
-            self._path[stage].pending.append((float(path_s), at))
+            self._path[stage].add(float(path_s), at)
 
     def _add(self, part: str, stage: int, value: float | None, at: float) -> None:
         """One sample (seconds) into the ``part`` window of ``stage``; None adds nothing."""
