@@ -20,7 +20,9 @@ Rules that hold in every mode:
 * Nothing is guessed: with a deadline and no timings the run raises
   :class:`~impatient_ros.runtime.timing.TimingError` (calibrate or load a file first).
 * Every run's measured block and head times update the timing model (online,
-  sliding window), so the model follows thermal and load drift.
+  sliding window with an ageing rule), so the model follows thermal and load
+  drift both ways; after a run the deadline stopped, the refused stages are
+  re-measured under a duty cycle (see :class:`StagedEngine`).
 * Stage numbers are 1-based in results (as in the messages), 0-based in code.
 * Every run that hands over any answer hands over exactly one final one
   (``is_final``), the last. When an exit went out as not final and the run
