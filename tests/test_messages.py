@@ -15,10 +15,12 @@ from std_msgs.msg import Header
 
 from impatient_ros.runtime.engine import StageResult, StopReason
 from impatient_ros.ros.messages import (
+    MAX_FRAME_ID_BYTES,
     build_stage_prediction,
     duration_fields,
     fill_duration,
     fill_stage_prediction,
+    header_problem,
     resolve_labels,
     stage_accuracy,
 )
@@ -162,3 +164,29 @@ def test_pure_modules_do_not_import_rclpy() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("frame_id", "problem"),
+    [
+        ("", None),
+        ("camera_optical_frame", None),
+        ("f" * MAX_FRAME_ID_BYTES, None),                  # the limit itself
+        ("é" * (MAX_FRAME_ID_BYTES // 2), None),            # 256 bytes in 128 characters
+        ("f" * (MAX_FRAME_ID_BYTES + 1), "frame_id_too_long"),
+        ("é" * (MAX_FRAME_ID_BYTES // 2 + 1), "frame_id_too_long"),  # 258 bytes in 129 characters
+        ("x" * (8 * 2**20), "frame_id_too_long"),           # the red-team's 8 MB
+    ],
+)
+def test_header_problem_bounds_the_frame_id_in_bytes(frame_id, problem) -> None:
+    assert header_problem(Header(frame_id=frame_id)) == problem
+
+
+def test_header_problem_is_cheap_for_a_huge_frame_id() -> None:
+    import time
+
+    header = Header(frame_id="x" * (64 * 2**20))
+    start = time.perf_counter()
+    for _ in range(1000):
+        header_problem(header)
+    assert time.perf_counter() - start < 0.05  # no encoding or scanning of the 64 MB string

@@ -1,17 +1,21 @@
 """Issue 13's red-team findings against a real impatient_node process: values the node accepted and then
-could not use.
+could not use, a header that made every output huge.
 
 * A parameter within rclpy's relative 1e-6 of a range edge (rclpy accepts it) is refused by the node's
   own exact range check, at run time (set_parameters) and at start-up (-p), and the node keeps answering.
+* A ``header.frame_id`` longer than ``MAX_FRAME_ID_BYTES`` is rejected as a bad frame and counted; it is
+  never copied into an output.
 
-One node process serves the module (a random-weight smallcnn at 64x64); the two broken start-ups are
-processes of their own, started at the same time.
+One node process serves the module (a random-weight smallcnn at 64x64; the image subscription is reliable,
+so the 8 MB frame_id crosses the default Fast DDS transport); the two broken start-ups are processes of
+their own, started at the same time.
 """
 
 from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +23,10 @@ import rclpy
 import torch
 
 from impatient_ros.msg import StagePrediction
+from impatient_ros.ros.messages import MAX_FRAME_ID_BYTES
 from impatient_ros.runtime.checkpoint import save_checkpoint
 from impatient_ros.runtime.model import NetConfig, build_network
-from tests.ros.node_harness import NodeProbe, gray_image, node_log, start_node, stop_node
+from tests.ros.node_harness import NodeProbe, gray_image, node_log, start_node, stop_node, wait_for
 
 SIZE = (64, 64)
 NS = "/lim"
@@ -31,6 +36,13 @@ BROKEN_START_UPS = {
     "cascade_threshold": (["-p", "mode:=cascade", "-p", "cascade_threshold:=0.9999995"],
                           "cascade_threshold must lie in [1.0, 1000000000000.0], got 0.9999995"),
 }
+
+
+def _proc_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise KeyError("VmRSS")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +55,7 @@ def node(tmp_path_factory: pytest.TempPathFactory):
     save_checkpoint(checkpoint, net, class_names=[f"c{i}" for i in range(10)],
                     preprocessing={"input_size": list(SIZE), "channels": "gray", "mean": [0.5], "std": [0.25]})
     common = ["-p", f"checkpoint:={checkpoint}", "-p", "device:=cpu", "-p", "diagnostics_period_s:=0.2"]
-    main = start_node([*common, "-r", f"__ns:={NS}"], root / "main.log")
+    main = start_node([*common, "-r", f"__ns:={NS}", "-p", "image_reliability:=reliable"], root / "main.log")
     broken = {name: start_node([*common, "-r", f"__ns:=/broken_{name}", *args], root / f"{name}.log")
               for name, (args, _) in BROKEN_START_UPS.items()}
     rclpy.init()
@@ -118,3 +130,40 @@ def test_value_within_rclpy_tolerance_of_a_range_edge_is_refused_at_start_up(nod
     output = node_log(proc)
     assert proc.returncode == 2, output
     assert BROKEN_START_UPS[name][1] in output and "Traceback" not in output, output
+
+
+# --------------------------------------------------------------------------- 2. bounded header fields
+
+
+def test_huge_frame_id_is_rejected_counted_and_never_copied(node) -> None:
+    probe, main, _ = node
+    _answered(probe)  # warm: the output writers exist and have carried normal messages
+    before = probe.fresh_diagnostics()
+    rss_before = _proc_rss_kib(main.pid)
+    huge = "x" * (8 * 2**20)  # 8 MiB, as in the red-team report
+    count = 5
+    for i in range(count):
+        probe.send_image(_image(i), frame_id=huge[:-1] + str(i))
+        wait_for(lambda i=i: probe.counter("frames_rejected_frame_id_too_long") - probe.counter(
+            "frames_rejected_frame_id_too_long", before) >= i + 1, 30, f"huge frame_id {i} counted")
+    rss_after = _proc_rss_kib(main.pid)
+    # Limits: the longest frame_id copied is MAX_FRAME_ID_BYTES; multi-byte characters count as bytes.
+    at_limit = "f" * MAX_FRAME_ID_BYTES
+    assert probe.classify(_image(7), frame_id=at_limit)[-1].header.frame_id == at_limit
+    for over in ("g" * (MAX_FRAME_ID_BYTES + 1), "é" * (MAX_FRAME_ID_BYTES // 2 + 1)):
+        probe.send_image(_image(8), frame_id=over)
+        time.sleep(0.3)
+        assert probe.frame(over) == []
+    fresh = _answered(probe)  # valid frames still answered
+    after = probe.fresh_diagnostics()
+    assert probe.counter("frames_rejected_frame_id_too_long", after) - probe.counter(
+        "frames_rejected_frame_id_too_long", before) == count + 2
+    with probe._lock:
+        longest = max(len(fid.encode()) for fid in probe.predictions)
+    assert longest <= MAX_FRAME_ID_BYTES
+    assert all(not probe.frame(huge[:-1] + str(i)) for i in range(count))
+    # Before: five outputs of 8 MiB per frame held by the reliable writers (+157 MB RSS per the report).
+    assert rss_after - rss_before < 64 * 1024, f"RSS {rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB"
+    latency_ms = 1e3 * (fresh[-1].latency.sec + fresh[-1].latency.nanosec * 1e-9)
+    print(f"RSS {rss_before / 1024:.1f} -> {rss_after / 1024:.1f} MiB over {count} frames with an 8 MiB "
+          f"frame_id; next valid frame answered in {latency_ms:.1f} ms")

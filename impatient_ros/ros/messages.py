@@ -16,6 +16,16 @@ Conventions:
 * ``stop_reason`` takes the engine's ``StopReason`` value, which equals the
   message's ``STOP_*`` constants for 0..5; ``NO_TIME`` has no message value
   (nothing is published for such an image) and is refused.
+* The image header is copied into every output (each stage topic,
+  ``~/prediction``, the vision_msgs copies), so its one unbounded field is
+  bounded first: :func:`header_problem` refuses a ``frame_id`` longer than
+  :data:`MAX_FRAME_ID_BYTES` (UTF-8 bytes). tf/REP 105 frame ids are short
+  names (``camera_optical_frame``); a longer one is a broken or hostile
+  sender, and an 8 MB frame_id had multiplied into every output (latency
+  tens of ms, +150 MB resident in the reliable writers' histories). The node
+  rejects such an image as a bad frame (counted as ``frame_id_too_long``)
+  rather than truncating it: a truncated id would name a different frame,
+  and a consumer matching frames by id would be silently misled.
 """
 
 from __future__ import annotations
@@ -27,12 +37,15 @@ from typing import Any, TypeVar
 from impatient_ros.core.results import StopReason
 
 __all__ = [
+    "HEADER_REJECTIONS",
+    "MAX_FRAME_ID_BYTES",
     "MAX_MESSAGE_STOP_REASON",
     "build_stage_prediction",
     "copy_header",
     "duration_fields",
     "fill_duration",
     "fill_stage_prediction",
+    "header_problem",
     "resolve_labels",
     "stage_accuracy",
 ]
@@ -41,6 +54,9 @@ MAX_MESSAGE_STOP_REASON = int(StopReason.ERROR)  # STOP_ERROR; values above (NO_
 _NANO = 1_000_000_000
 # int32 seconds of builtin_interfaces/Duration: clamp rather than overflow for "unlimited"-like values.
 _MAX_SEC = 2**31 - 1
+
+MAX_FRAME_ID_BYTES = 256  # the longest header.frame_id (UTF-8 bytes) the node copies into its outputs
+HEADER_REJECTIONS = ("frame_id_too_long",)
 
 M = TypeVar("M")
 
@@ -62,8 +78,24 @@ def fill_duration(duration: Any, seconds: float) -> Any:
     return duration
 
 
+def header_problem(header: Any, max_frame_id_bytes: int = MAX_FRAME_ID_BYTES) -> str | None:
+    """Why an image header must not be copied into outputs (a :data:`HEADER_REJECTIONS` code), or None.
+
+    Cheap for any size: a string of more characters than the limit has more
+    bytes too, so only a short one is encoded to count its bytes.
+    """
+    frame_id = header.frame_id
+    if len(frame_id) > max_frame_id_bytes or (
+            not frame_id.isascii() and len(frame_id.encode("utf-8", "surrogatepass")) > max_frame_id_bytes):
+        return "frame_id_too_long"
+    return None
+
+
 def copy_header(target: Any, source: Any) -> Any:
-    """Copy stamp and frame_id of one ``std_msgs/Header`` into another (no shared objects)."""
+    """Copy stamp and frame_id of one ``std_msgs/Header`` into another (no shared objects).
+
+    The caller checks the source with :func:`header_problem` first (the node does, on arrival).
+    """
     target.stamp.sec = source.stamp.sec
     target.stamp.nanosec = source.stamp.nanosec
     target.frame_id = source.frame_id

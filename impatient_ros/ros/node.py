@@ -91,7 +91,13 @@ from impatient_ros.ros.executors import make_executor, spin
 from impatient_ros.ros.image_convert import ImageConversionError, compressed_to_array, image_to_array
 from impatient_ros.ros.log_throttle import LogThrottle
 from impatient_ros.ros.mailbox import LatestFrameMailbox
-from impatient_ros.ros.messages import build_stage_prediction, resolve_labels, stage_accuracy
+from impatient_ros.ros.messages import (
+    MAX_FRAME_ID_BYTES,
+    build_stage_prediction,
+    header_problem,
+    resolve_labels,
+    stage_accuracy,
+)
 from impatient_ros.ros.node_params import PARAMETERS, check_parameters, default_checkpoint_candidates
 from impatient_ros.ros.params import declare
 from impatient_ros.ros.topics import compressed_topic
@@ -448,6 +454,15 @@ class ImpatientNode(LifecycleNode):
         arrival = time.monotonic()
         ros_now_s = self.get_clock().now().nanoseconds * 1e-9
         self._stats.frame_received()
+        # Here, not in the inference thread: a lying header never displaces a good frame in the mailbox.
+        problem = header_problem(msg.header)
+        if problem:
+            self._stats.frame_rejected(problem)
+            if self._log_throttle.ready("header_rejected"):
+                self.get_logger().warning(
+                    f"image rejected ({problem}): header.frame_id has {len(msg.header.frame_id)} characters, "
+                    f"at most {MAX_FRAME_ID_BYTES} bytes are copied into the outputs")
+            return
         if self._mailbox.put(_Frame(msg, arrival, ros_now_s)):
             self._stats.frame_dropped()
 
