@@ -552,6 +552,33 @@ def test_run_tensor_and_top_k(checkpoint, image):
     np.testing.assert_allclose(report.final.probs, engine.run(image, "gray", max_stage=1).final.probs, atol=1e-7)
 
 
+def test_results_ranked_when_read_equal_eager_ones(checkpoint, image):
+    # The engine builds results whose ranking is computed from probs on first read (cheaper per exit);
+    # every field must read as in a StageResult built with all of them.
+    import dataclasses
+
+    from impatient_ros.core.results import StageResult
+
+    engine = _engine(checkpoint, top_k=4)
+    for result in engine.run(image, "gray").results:
+        probs = result.probs
+        order = np.argsort(-probs, kind="stable")
+        eager = StageResult(result.stage, result.num_stages, int(order[0]), CLASSES[order[0]],
+                            float(probs[order[0]]), order[:4].tolist(), probs[order[:4]].tolist(),
+                            float(probs[order[0]]) / max(float(probs[order[1]]), 1e-12), probs, result.ready_time,
+                            result.elapsed_s, result.is_final, result.stop_reason)
+        assert isinstance(result, StageResult) and result == eager and eager == result
+        assert dataclasses.asdict(result).keys() == dataclasses.asdict(eager).keys()
+        assert type(result.top_ids[0]) is int and type(result.score) is float
+        final = dataclasses.replace(result, is_final=True, repeated=True)
+        assert final.top_ids == eager.top_ids and final.repeated and final.label == eager.label
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.class_id = 3
+    # ties keep the lower id first, as a stable argsort does
+    from impatient_ros.runtime.engine import _rank
+    assert _rank(np.array([0.25, 0.5, 0.25, 0.0], dtype=np.float32), 3)[0] == [1, 0, 2]
+
+
 # --------------------------------------------------------------------------- CUDA (skipped without a GPU)
 
 
