@@ -10,7 +10,11 @@ import pytest
 from impatient_ros.ros.budget_policy import (
     BudgetPolicy,
     BudgetPolicyConfig,
+    DEFAULT_MAX_STAMP_AGE_S,
+    REFERENCE_FALLBACKS,
+    STAMP_SKEW_TOLERANCE_S,
     EffectiveBudget,
+    ReferenceTime,
     combine_stage_caps,
     energy_budget_s,
     reference_time,
@@ -174,15 +178,33 @@ def test_combine_stage_caps(caps, expected) -> None:
     ("mode", "stamp", "ros_now", "mono_now", "expected", "fallback"),
     [
         ("arrival", 990.0, 1000.0, 50.0, 50.0, ""),
-        ("stamp", 999.75, 1000.0, 50.0, 49.75, ""),       # 250 ms old at arrival
+        ("stamp", 999.75, 1000.0, 50.0, 49.75, ""),       # 250 ms old at arrival: honoured, its age counts
+        ("stamp", 999.5, 1000.0, 50.0, 49.5, ""),         # exactly DEFAULT_MAX_STAMP_AGE_S old: still honoured
         ("stamp", 1000.0, 1000.0, 50.0, 50.0, ""),
         ("stamp", 0.0, 1000.0, 50.0, 50.0, "stamp_unset"),
+        ("stamp", math.nan, 1000.0, 50.0, 50.0, "stamp_unset"),
+        ("stamp", 1000.005, 1000.0, 50.0, 50.0, ""),      # 5 ms ahead: clock skew, the arrival, not counted
         ("stamp", 1000.5, 1000.0, 50.0, 50.0, "stamp_in_future"),
+        ("stamp", 999.0, 1000.0, 50.0, 50.0, "stamp_too_old"),     # 1 s old: not a live frame's stamp
+        ("stamp", 990.0, 1000.0, 50.0, 50.0, "stamp_too_old"),     # 10 s (clocks apart, a replayed bag)
+        ("stamp", 1.0, 1.7e9, 50.0, 50.0, "stamp_too_old"),        # a driver stamping with another clock
     ],
 )
 def test_reference_time(mode, stamp, ros_now, mono_now, expected, fallback) -> None:
     ref = reference_time(mode, stamp, ros_now, mono_now)
     assert ref.monotonic == pytest.approx(expected) and ref.fallback == fallback
+    assert ref.fallback in ("", *REFERENCE_FALLBACKS)
+
+
+def test_reference_time_age_bound_is_a_parameter() -> None:
+    assert DEFAULT_MAX_STAMP_AGE_S == 0.5 and STAMP_SKEW_TOLERANCE_S == 0.01
+    # A slower pipeline raises the bound; 0 trusts every past stamp.
+    assert reference_time("stamp", 999.0, 1000.0, 50.0, max_age_s=2.0) == ReferenceTime(49.0, "", 1.0)
+    assert reference_time("stamp", 990.0, 1000.0, 50.0, max_age_s=0.0).monotonic == pytest.approx(40.0)
+    too_old = reference_time("stamp", 999.0, 1000.0, 50.0, max_age_s=0.2)
+    assert too_old.fallback == "stamp_too_old" and too_old.age_s == pytest.approx(1.0)
+    assert reference_time("stamp", 1000.5, 1000.0, 50.0).age_s == pytest.approx(-0.5)
+    assert math.isnan(reference_time("arrival", 999.0, 1000.0, 50.0).age_s)
 
 
 def test_reference_time_rejects_unknown_mode() -> None:

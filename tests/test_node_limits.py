@@ -1,10 +1,12 @@
 """Issue 13's red-team findings against a real impatient_node process: values the node accepted and then
-could not use, a header that made every output huge.
+could not use, a header that made every output huge, image stamps that silenced the node.
 
 * A parameter within rclpy's relative 1e-6 of a range edge (rclpy accepts it) is refused by the node's
   own exact range check, at run time (set_parameters) and at start-up (-p), and the node keeps answering.
 * A ``header.frame_id`` longer than ``MAX_FRAME_ID_BYTES`` is rejected as a bad frame and counted; it is
   never copied into an output.
+* With ``reference_time: stamp`` a stamp older than ``max_stamp_age_s`` or in the future falls back to the
+  arrival time and is counted; a plausible old stamp is honoured and its age counts against the budget.
 
 One node process serves the module (a random-weight smallcnn at 64x64; the image subscription is reliable,
 so the 8 MB frame_id crosses the default Fast DDS transport); the two broken start-ups are processes of
@@ -26,7 +28,7 @@ from impatient_ros.msg import StagePrediction
 from impatient_ros.ros.messages import MAX_FRAME_ID_BYTES
 from impatient_ros.runtime.checkpoint import save_checkpoint
 from impatient_ros.runtime.model import NetConfig, build_network
-from tests.ros.node_harness import NodeProbe, gray_image, node_log, start_node, stop_node, wait_for
+from tests.ros.node_harness import NodeProbe, gray_image, node_log, stamp_now, start_node, stop_node, wait_for
 
 SIZE = (64, 64)
 NS = "/lim"
@@ -167,3 +169,48 @@ def test_huge_frame_id_is_rejected_counted_and_never_copied(node) -> None:
     latency_ms = 1e3 * (fresh[-1].latency.sec + fresh[-1].latency.nanosec * 1e-9)
     print(f"RSS {rss_before / 1024:.1f} -> {rss_after / 1024:.1f} MiB over {count} frames with an 8 MiB "
           f"frame_id; next valid frame answered in {latency_ms:.1f} ms")
+
+
+# --------------------------------------------------------------------------- 3. implausible image stamps
+
+
+def test_implausible_stamps_fall_back_to_arrival_and_plausible_ones_count_their_age(node) -> None:
+    probe, _, _ = node
+    assert probe.get_parameters("max_stamp_age_s")["max_stamp_age_s"] == 0.5
+    before = probe.fresh_diagnostics()
+    # A generous budget: on a busy machine a frame answered from its arrival still meets it.
+    probe.set_ok(reference_time="stamp", default_budget_ms=1000.0)
+    try:
+        answered = {}
+        for offset in (-1.0, -10.0, -3600.0, 5.0):  # too old (clock offset, replayed bag) or from the future
+            answered[offset] = _answered(probe, stamp=stamp_now(offset))
+        plausible = _answered(probe, stamp=stamp_now(-0.2))  # honoured: 200 ms of the 1000 already used up
+        middle = probe.fresh_diagnostics()
+        # The bound is a parameter: at 5 s a 2 s old stamp is honoured, and its 1 s budget ran out before
+        # arrival (no time for stage 1, nothing published); 10 s still falls back.
+        probe.set_ok(max_stamp_age_s=5.0)
+        stale = probe.send_image(_image(3), stamp=stamp_now(-2.0))
+        time.sleep(0.5)
+        still_too_old = _answered(probe, stamp=stamp_now(-10.0))
+        after = probe.fresh_diagnostics()
+    finally:
+        probe.set_ok(reference_time="arrival", default_budget_ms=0.0, max_stamp_age_s=0.5)
+    for offset, msgs in [*answered.items(), (-10.0, still_too_old)]:
+        latency = msgs[-1].latency.sec + msgs[-1].latency.nanosec * 1e-9
+        if offset < 0:
+            assert latency < 0.9, f"stamp {offset:+} s: latency {latency:.3f} s, counted from the stamp?"
+        else:
+            assert latency > 0.0, f"stamp {offset:+} s: latency 0, counted from the (future) stamp?"
+        assert msgs[-1].header.stamp == msgs[0].header.stamp  # the stamp itself is still copied
+    first = plausible[0].latency.sec + plausible[0].latency.nanosec * 1e-9
+    assert first >= 0.2, f"a plausible stamp's age counts in the latency; got {first:.3f} s"
+    assert probe.frame(stale) == []
+
+    def delta(key: str, start: dict[str, str], end: dict[str, str]) -> int:
+        return probe.counter(key, end) - probe.counter(key, start)
+
+    assert delta("reference_fallback_stamp_too_old", before, middle) == 3
+    assert delta("reference_fallback_stamp_in_future", before, middle) == 1
+    assert delta("frames_no_time", before, middle) == 0
+    assert delta("reference_fallback_stamp_too_old", middle, after) == 1
+    assert delta("frames_no_time", middle, after) == 1

@@ -38,8 +38,23 @@ time), while deadlines live on ``time.monotonic()``. At the image's arrival the
 node reads both clocks; their difference is the offset that maps the stamp onto
 the monotonic clock (:func:`stamp_to_monotonic`). The image's age at arrival
 (camera exposure, driver, transport) thereby counts against its budget, which
-is what a deadline on the stamp means. An unset stamp (zero) or one in the
-future (clock skew between machines) falls back to the arrival time.
+is what a deadline on the stamp means: a stamp 250 ms old with a 100 ms budget
+leaves no time for stage 1, and nothing is published for that image.
+
+A stamp is trusted only while it is plausible for a live camera. It falls back
+to the arrival time, counted by reason (:data:`REFERENCE_FALLBACKS`), when it is
+
+* unset (zero): ``stamp_unset``;
+* more than :data:`STAMP_SKEW_TOLERANCE_S` (10 ms) after the arrival:
+  ``stamp_in_future`` (the clocks of two machines disagree). Within the
+  tolerance (NTP-level skew) the arrival time is used without counting: an
+  image cannot be younger than its arrival;
+* older than ``max_age_s`` at arrival (the node's ``max_stamp_age_s``, default
+  :data:`DEFAULT_MAX_STAMP_AGE_S` = 0.5 s; 0 = no bound): ``stamp_too_old``.
+  Camera pipelines deliver within tens to a few hundred milliseconds; a stamp
+  seconds old means unsynchronised clocks, a replayed bag or a driver stamping
+  with another clock, and honouring it would silence the node (every deadline
+  past on arrival). A pipeline that is really slower raises the bound.
 
 All classes are thread-safe: the node updates them from subscription callbacks
 while the inference thread reads them.
@@ -60,7 +75,10 @@ __all__ = [
     "SOURCES",
     "BudgetPolicy",
     "BudgetPolicyConfig",
+    "DEFAULT_MAX_STAMP_AGE_S",
     "EffectiveBudget",
+    "REFERENCE_FALLBACKS",
+    "STAMP_SKEW_TOLERANCE_S",
     "ReferenceTime",
     "combine_stage_caps",
     "energy_budget_s",
@@ -73,6 +91,9 @@ REFERENCE_TIMES = ("stamp", "arrival")
 SOURCES = ("topic", "energy", "default")
 BUDGET_REJECTIONS = ("budget_nan", "budget_negative", "budget_too_large")
 BATTERY_REJECTIONS = ("battery_nan", "battery_out_of_range")
+REFERENCE_FALLBACKS = ("stamp_unset", "stamp_in_future", "stamp_too_old")
+DEFAULT_MAX_STAMP_AGE_S = 0.5   # a stamp older than this at arrival is not trusted (max_stamp_age_s)
+STAMP_SKEW_TOLERANCE_S = 0.01   # a stamp up to this far after its arrival is clock skew: use the arrival
 
 
 def validate_energy_table(levels: Sequence[float], budgets_ms: Sequence[float]) -> str | None:
@@ -264,22 +285,31 @@ class ReferenceTime:
     """An image's reference time on the monotonic clock, and why it is not the stamp when it is not."""
 
     monotonic: float
-    fallback: str = ""   # "", "stamp_unset" or "stamp_in_future"
+    fallback: str = ""        # "" or one of REFERENCE_FALLBACKS
+    age_s: float = math.nan   # the stamp's age at arrival (negative: in the future); NaN without a stamp
 
 
-def reference_time(mode: str, stamp_s: float, ros_now_s: float, monotonic_now: float) -> ReferenceTime:
+def reference_time(mode: str, stamp_s: float, ros_now_s: float, monotonic_now: float, *,
+                   max_age_s: float = DEFAULT_MAX_STAMP_AGE_S) -> ReferenceTime:
     """The reference time of an image that arrived at ``monotonic_now`` (ROS time ``ros_now_s``).
 
     ``mode`` "arrival" -> the arrival time. "stamp" -> the header stamp mapped
-    to the monotonic clock; an unset stamp (0) or one after the arrival falls
-    back to the arrival time, with the reason in ``fallback``.
+    to the monotonic clock, unless it is unset, more than
+    :data:`STAMP_SKEW_TOLERANCE_S` in the future or older than ``max_age_s``
+    (0 = no bound): then the arrival time, with the reason in ``fallback``
+    (see the module docstring).
     """
     if mode == "arrival":
         return ReferenceTime(monotonic_now)
     if mode != "stamp":
         raise ValueError(f"reference_time must be one of {REFERENCE_TIMES}, got {mode!r}")
-    if stamp_s <= 0.0:
+    if not stamp_s > 0.0:  # also NaN
         return ReferenceTime(monotonic_now, "stamp_unset")
-    if stamp_s > ros_now_s:
-        return ReferenceTime(monotonic_now, "stamp_in_future")
-    return ReferenceTime(stamp_to_monotonic(stamp_s, ros_now_s, monotonic_now))
+    age_s = ros_now_s - stamp_s
+    if age_s < -STAMP_SKEW_TOLERANCE_S:
+        return ReferenceTime(monotonic_now, "stamp_in_future", age_s)
+    if age_s <= 0.0:
+        return ReferenceTime(monotonic_now, "", age_s)
+    if max_age_s > 0.0 and age_s > max_age_s:
+        return ReferenceTime(monotonic_now, "stamp_too_old", age_s)
+    return ReferenceTime(stamp_to_monotonic(stamp_s, ros_now_s, monotonic_now), "", age_s)

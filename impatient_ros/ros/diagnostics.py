@@ -134,7 +134,7 @@ class NodeStats:
                 self._engine_errors += 1
 
     def reference_fallback(self, reason: str) -> None:
-        """The stamp could not serve as reference time (``stamp_unset``, ``stamp_in_future``)."""
+        """The stamp could not serve as reference time (``budget_policy.REFERENCE_FALLBACKS``)."""
         with self._lock:
             self._fallbacks[reason] += 1
 

@@ -47,9 +47,11 @@ Deadlines (see :mod:`impatient_ros.ros.budget_policy`): deadline = reference tim
 + effective budget, on ``time.monotonic()``. The image callback reads the
 node's ROS clock and the monotonic clock together at arrival; with
 ``reference_time: stamp`` the header stamp is shifted by their difference onto
-the monotonic clock, so the image's age at arrival counts against its budget.
-The budget is looked up when inference of the image starts, so a new Budget
-message applies to the next image processed.
+the monotonic clock, so the image's age at arrival counts against its budget;
+a stamp older than ``max_stamp_age_s`` or in the future is not trusted (the
+arrival time is used, counted as ``reference_fallback_*``). The budget is
+looked up when inference of the image starts, so a new Budget message applies
+to the next image processed.
 
 Each image gets exactly one message with ``is_final`` true on ``~/prediction``:
 the engine guarantees it (see StagedEngine). When it handed over an exit as not
@@ -130,6 +132,7 @@ class _Settings:
     admission_quantile: float
     top_k: int
     reference_time: str
+    max_stamp_age_s: float
     labels: tuple[str, ...] | None
 
 
@@ -238,6 +241,7 @@ class ImpatientNode(LifecycleNode):
             admission_quantile=float(self._param("admission_quantile")),
             top_k=int(self._param("top_k")),
             reference_time=self._param("reference_time"),
+            max_stamp_age_s=float(self._param("max_stamp_age_s")),
             labels=tuple(labels) if labels else None,
         )
 
@@ -550,9 +554,16 @@ class ImpatientNode(LifecycleNode):
                 self.get_logger().warning(f"image rejected: {exc}")
             return
         stamp_s = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-        ref = reference_time(settings.reference_time, stamp_s, frame.ros_now_s, frame.arrival)
+        ref = reference_time(settings.reference_time, stamp_s, frame.ros_now_s, frame.arrival,
+                             max_age_s=settings.max_stamp_age_s)
         if ref.fallback:
             self._stats.reference_fallback(ref.fallback)
+            if ref.fallback != "stamp_unset" and self._log_throttle.ready("reference_fallback"):
+                self.get_logger().warning(
+                    f"image stamp not trusted ({ref.fallback}): {abs(ref.age_s):.3f} s "
+                    f"{'before' if ref.age_s > 0 else 'after'} its arrival (max_stamp_age_s "
+                    f"{settings.max_stamp_age_s:g} s); its deadline counts from the arrival. Are the camera's and "
+                    "this node's clocks synchronised (use_sim_time)?")
         budget = self._policy.effective(time.monotonic())
         deadline = budget.deadline(ref.monotonic)
         cap = combine_stage_caps(settings.max_stage, budget.max_stage)

@@ -16,7 +16,7 @@ from typing import Any
 
 from rclpy.parameter import Parameter
 
-from impatient_ros.ros.budget_policy import REFERENCE_TIMES, validate_energy_table
+from impatient_ros.ros.budget_policy import DEFAULT_MAX_STAMP_AGE_S, REFERENCE_TIMES, validate_energy_table
 from impatient_ros.ros.choices import RELIABILITIES, TRANSPORTS
 from impatient_ros.ros.executors import EXECUTORS
 from impatient_ros.ros.params import ParamSpec, check_values
@@ -76,6 +76,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               choices=RELIABILITIES),
     ParamSpec("reference_time", "arrival", "Deadlines count from the image header stamp (mapped onto the "
               "node's monotonic clock at arrival) or from the image's arrival.", choices=REFERENCE_TIMES),
+    ParamSpec("max_stamp_age_s", DEFAULT_MAX_STAMP_AGE_S, "reference_time stamp: a stamp older than this at "
+              "arrival is not trusted (clocks not synchronised, a replayed bag, a driver stamping with another "
+              "clock); the deadline then counts from the arrival, counted as reference_fallback_stamp_too_old. "
+              "A younger stamp is honoured and its age counts against the budget. 0 = trust every past stamp.",
+              float_range=(0.0, 86400.0)),
     ParamSpec("budget_timeout_s", 2.0, "A Budget message applies for this long after its arrival; "
               "0 = until the next one.", float_range=(0.0, 86400.0)),
     ParamSpec("battery_timeout_s", 10.0, "A BatteryState reading applies for this long after its "
