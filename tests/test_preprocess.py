@@ -298,6 +298,22 @@ def test_plans_follow_the_layout_and_are_bounded():
         pre(np.zeros((60, 80, 4), np.uint8), "rgb")
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_lookup_table_path_equals_the_float32_arithmetic(dtype, out_dtype):
+    """Gray network, shrinking integers: the table (cv2.LUT for uint8) holds exactly the float32 multiply-add."""
+    image = (_rgb_image(60, 80, seed=8).astype(np.uint16) * (257 if dtype == np.uint16 else 1)).astype(dtype)
+    full = Preprocessor(GRAY_SPEC)(image, "bgr")
+    gain = 1.0 / (np.float32(np.iinfo(dtype).max) * np.float32(GRAY_SPEC["std"][0]))
+    offset = -np.float32(GRAY_SPEC["mean"][0]) / np.float32(GRAY_SPEC["std"][0])
+    small = cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), (8, 6), interpolation=cv2.INTER_AREA)
+    by_hand = small.astype(np.float32) * np.float32(gain) + np.float32(offset)
+    np.testing.assert_array_equal(full.numpy()[0, 0], by_hand)
+    other = Preprocessor(GRAY_SPEC, dtype=out_dtype)(image, "bgr")
+    assert other.dtype == out_dtype
+    torch.testing.assert_close(other, full.to(out_dtype), atol=0, rtol=0)
+
+
 def test_backend_choice():
     assert Preprocessor(GRAY_SPEC).backend == "opencv"                       # "auto" on the CPU
     assert Preprocessor(GRAY_SPEC, backend="torch").backend == "torch"

@@ -219,11 +219,19 @@ class Preprocessor:
         pick = None if one_plane else _RGB_SLICE[order]           # R, G, B of the colour orders
         native = dtype
         gain, offset = self._affine_np[dtype]                     # (C, 1, 1) float32
+        single = pick is None and self.num_channels == 1
+        gain_1, offset_1 = gain[0, 0, 0], offset[0, 0, 0]          # float32 scalars
         out_dtype, device = self.dtype, (None if self.device.type == "cpu" else self.device)
-        # Integer result, one output plane: the affine map as a table, one gather for convert + scale.
-        table = None
-        if enlarge is None and luma_float is None and self.num_channels == 1:
+        # uint8 result, one output plane: the affine map as a 256-entry table, one gather for convert +
+        # scale (cv2.LUT when the table is float32, a little faster than numpy's gather).
+        table = lut = None
+        if enlarge is None and luma_float is None and self.num_channels == 1 and dtype == np.uint8:
             table = self._table(dtype)
+            if table.dtype == np.float32:
+                lut, table = table, None
+        gather = lut if lut is not None else table
+        produced = torch.float32 if gather is None else torch.from_numpy(gather[:0]).dtype
+        convert = produced != out_dtype
         interp_area, interp_linear = cv2.INTER_AREA, cv2.INTER_LINEAR
         shape_out = (1, self.num_channels, target_h, target_w)
 
@@ -236,7 +244,9 @@ class Preprocessor:
                 image = cv2.cvtColor(image, luma_int)
             if shrink is not None:
                 image = cv2.resize(image, shrink, interpolation=interp_area)
-            if table is not None:
+            if lut is not None:
+                x = torch.from_numpy(cv2.LUT(image, lut).reshape(shape_out))
+            elif table is not None:
                 x = torch.from_numpy(table[image].reshape(shape_out))
             else:
                 image = image.astype(np.float32)                  # small (at most input_size), ours
@@ -244,22 +254,27 @@ class Preprocessor:
                     image = cv2.cvtColor(image, luma_float)
                 if enlarge is not None:
                     image = cv2.resize(image, enlarge, interpolation=interp_linear)
-                out = np.empty(shape_out, np.float32)
-                source = image[None] if pick is None else np.moveaxis(image[:, :, pick], -1, 0)
-                # numpy, not torch: torch splits element-wise work of a 224x224x3 size over its thread
-                # pool, which stalls whenever the other cores are busy. One pass converts, reorders to
-                # R, G, B, transposes HWC -> CHW and scales; a gray source broadcasts to 3 planes.
-                np.multiply(source, gain, out=out[0])
-                np.add(out[0], offset, out=out[0])
-                x = torch.from_numpy(out)
-            if x.dtype != out_dtype:
+                if single:                                        # one plane in and out: scale in place
+                    image *= gain_1
+                    image += offset_1
+                    x = torch.from_numpy(image.reshape(shape_out))
+                else:
+                    out = np.empty(shape_out, np.float32)
+                    source = image[None] if pick is None else np.moveaxis(image[:, :, pick], -1, 0)
+                    # numpy, not torch: torch splits element-wise work of a 224x224x3 size over its thread
+                    # pool, which stalls whenever the other cores are busy. One pass converts, reorders to
+                    # R, G, B, transposes HWC -> CHW and scales; a gray source broadcasts to 3 planes.
+                    np.multiply(source, gain, out=out[0])
+                    np.add(out[0], offset, out=out[0])
+                    x = torch.from_numpy(out)
+            if convert:
                 x = x.to(out_dtype)
             return x if device is None else x.to(device)
 
         return run
 
     def _table(self, dtype: np.dtype) -> np.ndarray:
-        """``(v / full_scale - mean) / std`` for every integer v of ``dtype``, in the output dtype.
+        """``(v / full_scale - mean) / std`` for every value v of ``dtype`` (uint8), in the output dtype.
 
         Computed as the float32 multiply-add of the other paths, so a lookup equals that arithmetic
         exactly (then rounded once to float16 for a half-precision network: the same as converting the
