@@ -759,12 +759,17 @@ class StagedEngine:
             chosen = cap - 1
             if self.timing.is_calibrated:
                 predicted = self.timing.predict_exit_cost(chosen, self.admission_quantile) + self.overhead_s
-        elif now < report.deadline:
-            for k in range(cap - 1, -1, -1):
-                cost = self.timing.predict_exit_cost(k, self.admission_quantile) + self.overhead_s
-                if now + cost <= report.deadline:
-                    chosen, predicted = k, cost
+        else:
+            costs = [self.timing.predict_exit_cost(k, self.admission_quantile) + self.overhead_s
+                     for k in range(cap)]
+            # Choose, then check again at the start: the process can lose the CPU in between (a late
+            # a-priori answer on a loaded machine came from an 8 ms pause there, its exit within its p99).
+            for now in (now, self.clock()):
+                chosen = next((k for k in range(cap - 1, -1, -1)
+                               if now < report.deadline and now + costs[k] <= report.deadline), None)
+                if chosen is None:
                     break
+                predicted = costs[chosen]
         if chosen is None:
             report.stop_reason = StopReason.NO_TIME
             return
