@@ -348,6 +348,12 @@ class ImpatientNode(LifecycleNode):
             except TimingError as exc:
                 self.get_logger().warning(f"{exc}; calibrating again")
         engine.calibrate()
+        rounds = engine.last_calibration
+        if rounds is not None and not rounds.stable:
+            # Admission then starts from pessimistic figures; the online update ages them out.
+            self.get_logger().warning(
+                f"timing calibration did not settle ({rounds.rounds} rounds in {rounds.seconds:.1f} s: the machine "
+                "is busy); stage costs will follow the measured ones as frames run")
         if calibration:
             saved = engine.save_calibration(Path(calibration).expanduser())
             self.get_logger().info(f"timing calibration written to {saved}")
