@@ -46,11 +46,13 @@ MARKERS_BY_MODULE = {
     "test_messages_transport": "ros",
     "test_vision_msgs": "ros",          # also builds the vision_msgs test fixture once (cached)
     "test_launch": "ros",               # real launch/launch_ros runs, where they can be imported
+    "test_node_limits": "ros",
     "test_build": "build",              # pip and colcon builds into fresh prefixes
     "test_training": "train",           # trains networks
     "test_distributed": "train",
     "test_evaluate": "train",
     "test_baselines": "train",
+    "test_recipe": "train",             # LP-FT, refit and ensembles fitted on small networks
 }
 
 

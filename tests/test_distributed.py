@@ -44,6 +44,8 @@ def test_two_process_run_agrees_across_ranks(tmp_path: Path) -> None:
     # Only rank 0 writes the outputs; evaluation counts are summed over both shards exactly once.
     assert (out / "last.pt").is_file() and (out / "config.yaml").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r.get("epoch") for r in records] == [1, None]
+    # One epoch line, the default recipe's finalize line (refit + ensemble of best.pt), the test line.
+    assert [r.get("epoch") for r in records] == [1, None, None]
+    assert [r.get("event") for r in records[1:]] == ["finalize", "test"]
     assert records[-1]["samples"] == 30
     assert proc.stdout.count("epoch 1/1") == 1  # one log line, from rank 0
