@@ -877,3 +877,105 @@ def test_calibration_and_runs_record_the_path_and_stage_sums(checkpoint, image):
     engine.run(image, "gray", mode=Mode.APRIORI, max_stage=2)  # blocks 0, 1 back to back, then head 1
     assert len(model._path[1]) == before + 1 and len(model._path[0]) == before + 1
     assert len(model._path[2]) == before  # not run
+
+
+# --------------------------------------------------------------------------- exit ensembles
+
+# Exit 2 answers with exit 1's probabilities alone; the other exits with their own.
+_ECHO_EXIT_1 = {"kind": "geometric", "weights": [[1.0], [1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]]}
+
+
+def _with_ensemble(checkpoint, spec):
+    import dataclasses
+
+    return dataclasses.replace(checkpoint, ensemble=spec)
+
+
+@pytest.mark.parametrize("mode", ["anytime", "cascade"])
+def test_ensemble_changes_the_published_answer(checkpoint_path, mode):
+    plain = _engine(load_checkpoint(checkpoint_path), use_ensemble=False)
+    ens = _engine(_with_ensemble(load_checkpoint(checkpoint_path), _ECHO_EXIT_1))
+    assert ens.use_ensemble and not plain.use_ensemble
+    # An image on which exits 1 and 2 disagree: the ensemble then changes exit 2's published class.
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        img = rng.integers(0, 255, size=(28, 28), endpoint=True).astype(np.uint8)
+        own = plain.run(img, "gray", mode=mode, cascade_threshold=math.inf).results
+        if own[0].class_id != own[1].class_id:
+            break
+    else:
+        pytest.fail("no image on which exits 1 and 2 disagree")
+    combined = ens.run(img, "gray", mode=mode, cascade_threshold=math.inf).results
+    assert [r.ensemble for r in combined] == [True] * 4 and not any(r.ensemble for r in own)
+    assert combined[1].class_id == own[0].class_id != own[1].class_id
+    np.testing.assert_allclose(combined[1].probs, own[0].probs, atol=1e-6)
+    assert combined[1].probs.dtype == np.float32
+    assert combined[1].ratio_1v2 == pytest.approx(own[0].ratio_1v2, rel=1e-4)  # the cascade reads this one
+    for k in (0, 2, 3):  # weight 1 on the exit itself: its own answer
+        np.testing.assert_allclose(combined[k].probs, own[k].probs, atol=1e-6)
+    # A-priori at exit 2 answers with the ensemble as well.
+    apriori = ens.run(img, "gray", mode="apriori", max_stage=2).final
+    assert apriori.ensemble and apriori.class_id == own[0].class_id
+
+
+def test_ensemble_cascade_stops_on_the_combined_ratio(checkpoint_path, image):
+    ens = _engine(_with_ensemble(load_checkpoint(checkpoint_path), _ECHO_EXIT_1))
+    own = _engine(load_checkpoint(checkpoint_path), use_ensemble=False).run(image, "gray").results
+    # A threshold exit 1 misses but exit 2's combined (= exit 1's) ratio cannot reach either,
+    # while exit 2's own might: the ensemble cascade must not stop at exit 2 on its own ratio.
+    threshold = own[0].ratio_1v2 * 1.0001
+    report = ens.run(image, "gray", mode="cascade", cascade_threshold=threshold)
+    assert all(r.stage != 2 or r.stop_reason is StopReason.NONE for r in report.results)
+    assert report.results[1].ratio_1v2 == pytest.approx(own[0].ratio_1v2, rel=1e-4)
+
+
+@pytest.mark.parametrize(("budget_ms", "plain_stage", "ensemble_stage"), [(37, 2, 1), (70, 3, 2), (125, 4, 4)])
+def test_apriori_with_ensemble_admits_by_the_anytime_completion(checkpoint_path, image, budget_ms, plain_stage,
+                                                                ensemble_stage):
+    # Blocks 10, 20, 30, 40 ms, heads 5 ms: exit costs without the ensemble (blocks 0..k + head k)
+    # 15, 35, 65, 105 ms; with it (blocks and heads 0..k) 15, 40, 75, 120 ms.
+    stages = {}
+    for use in (False, True):
+        engine, clock = _timed_engine(_with_ensemble(load_checkpoint(checkpoint_path), _ECHO_EXIT_1),
+                                      block_ms=[10, 20, 30, 40], head_ms=[5, 5, 5, 5], online_update=False,
+                                      use_ensemble=use)
+        assert [round(engine.timing.predict_ensemble_exit_cost(k) / MS) for k in range(4)] == [15, 40, 75, 120]
+        t0 = clock.now()
+        report = engine.run(image, "gray", deadline=t0 + budget_ms * MS, mode="apriori")
+        final = report.final
+        stages[use] = final.stage
+        assert final.ensemble is use and report.stages_run == final.stage
+        expected_ms = ([15, 40, 75, 120] if use else [15, 35, 65, 105])[final.stage - 1]
+        assert report.predicted_s == pytest.approx([expected_ms * MS])
+        assert report.actual_s == pytest.approx([expected_ms * MS])  # every head 0..k ran with the ensemble
+        assert final.ready_time == pytest.approx(t0 + expected_ms * MS) and not report.overran
+    assert stages == {False: plain_stage, True: ensemble_stage}
+
+
+def test_apriori_with_ensemble_records_every_head(checkpoint_path, image):
+    engine, clock = _timed_engine(_with_ensemble(load_checkpoint(checkpoint_path), _ECHO_EXIT_1),
+                                  block_ms=[10, 20, 30, 40], head_ms=[5, 5, 5, 5])
+    engine.run(image, "gray", deadline=clock.now() + 10.0, mode="apriori", max_stage=2)
+    # Blocks 0, 1 and heads 0, 1 ran and were measured, as in anytime; stages 3-4 did not run.
+    assert engine.timing.sample_counts(0) == (51, 51) and engine.timing.sample_counts(1) == (51, 51)
+    assert engine.timing.sample_counts(2) == (50, 50)
+
+
+def test_without_ensemble_nothing_changes(checkpoint, image):
+    assert checkpoint.ensemble is None
+    engine = _engine(checkpoint)
+    assert not engine.use_ensemble and engine.ensemble_weights is None
+    x = engine.preprocessor(image, "gray")
+    with torch.inference_mode():
+        eager = [torch.softmax(logits, -1)[0].numpy() for logits in engine.net(x)]
+    for mode in ("anytime", "cascade", "apriori"):
+        report = engine.run(image, "gray", mode=mode, cascade_threshold=math.inf)
+        assert not any(r.ensemble for r in report.results)
+        np.testing.assert_allclose(report.final.probs, eager[report.final.stage - 1], atol=1e-6)
+
+
+def test_invalid_ensemble_is_refused(checkpoint):
+    from impatient_ros.core.ensemble import EnsembleError
+
+    with pytest.raises(EnsembleError, match="weight rows"):
+        _engine(_with_ensemble(checkpoint, {"kind": "geometric", "weights": [[1.0]]}))

@@ -83,6 +83,9 @@ class StageResult:
     # fitted (DEADLINE) or a stage or the callback raised (ERROR). Every field but is_final,
     # stop_reason and repeated is the previous result's.
     repeated: bool = False
+    # The answer (probs and the ranking from them) is the exit ensemble's: exits 1..stage combined by the
+    # checkpoint's ensemble weights (impatient_ros.core.ensemble), not this exit's own probabilities.
+    ensemble: bool = False
 
 
 @dataclass
@@ -92,7 +95,8 @@ class RunReport:
     ``predicted_s[i]``/``actual_s[i]``/``started_at[i]`` belong to ``results[i]``:
     the admission prediction (seconds, at the admission quantile; NaN for a run
     without deadline before any timing exists), the measured time of that
-    stage's block + head (a-priori: of blocks 0..k + head k; the engine's clock
+    stage's block + head (a-priori: of blocks 0..k + head k, + heads 0..k-1 with an
+    exit ensemble; the engine's clock
     on the CPU, CUDA events on a GPU), and when it started (engine clock; on CUDA
     with queued stages, the predicted moment the device begins it). For a
     repeated result (``StageResult.repeated``) no stage ran: its prediction is

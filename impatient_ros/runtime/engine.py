@@ -6,7 +6,8 @@ Three modes (paper, Fig. 1 and Sect. 4):
   it is ready (``on_result``) and stop when the next stage cannot finish before
   the deadline.
 * ``apriori``: the budget is known before the image: pick the deepest exit
-  whose predicted cost fits, run blocks 0..k and only head k (one answer).
+  whose predicted cost fits, run blocks 0..k and only head k (one answer;
+  heads 0..k with an exit ensemble, see below).
 * ``cascade``: like anytime, but stop as soon as an exit is confident
   (1-vs-2 ratio of its top two probabilities >= threshold).
 
@@ -46,6 +47,14 @@ model's ``softmax(net(x))`` within ``atol=1e-4`` in float32 (kernel choice in
 graphs vs. eager) and ``atol=1e-2`` in float16. On the CPU the engine runs the
 eager model itself (identical up to float rounding, ``atol=1e-6``).
 
+Exit ensembles: when the checkpoint carries ensemble weights
+(``checkpoint.ensemble``, :mod:`impatient_ros.core.ensemble`) and ``use_ensemble``
+allows it, exit k answers with the weighted geometric mean of exits 1..k's
+probabilities (``StageResult.ensemble`` is then true). Anytime and cascade have
+those exits already, so it costs one (k, C) combination per exit; the cascade's
+1-vs-2 ratio is the combined answer's. A-priori then runs heads 0..k too and
+admits exit k by its anytime completion (blocks 0..k + heads 0..k).
+
 The engine is not thread-safe: one run at a time.
 """
 
@@ -66,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from impatient_ros.core.ensemble import validate_ensemble
 # The result types live in the torch-free core (the node's pure helpers and the tools use them);
 # they are re-exported here, so ``from impatient_ros.runtime.engine import StopReason`` keeps working.
 from impatient_ros.core.results import EngineError, Mode, RunReport, StageResult, StopReason
@@ -74,7 +84,7 @@ from impatient_ros.runtime.fusion import fuse_heads as fuse_heads_of
 from impatient_ros.runtime.preprocess import Preprocessor
 from impatient_ros.runtime.timing import TimingError, TimingModel
 
-if TYPE_CHECKING:  # the engine only reads .net, .preprocessing and .class_names
+if TYPE_CHECKING:  # the engine only reads .net, .preprocessing, .class_names (and .ensemble if present)
     from impatient_ros.runtime.checkpoint import LoadedCheckpoint
 
 __all__ = [
@@ -99,6 +109,7 @@ RATIO_EPSILON = 1e-12  # floor for the runner-up probability in ratio_1v2
 # Host-side cost per CUDA stage (graph launch, event wait, wake-up) that device-time
 # measurements miss; used until calibrate() measures it on the actual machine.
 _DEFAULT_CUDA_OVERHEAD_S = 50e-6
+_ENSEMBLE_EPS = 1e-12  # probability floor before the log, as impatient_ros.core.ensemble.combine_probabilities
 
 Clock = Callable[[], float]  # what StagedEngine(clock=...) takes: seconds, never going back
 
@@ -152,7 +163,7 @@ _LAZY_RESULT = (
     "__slots__" not in vars(StageResult) and not hasattr(StageResult, "__post_init__")
     and [f.name for f in dataclasses.fields(StageResult)] == [
         "stage", "num_stages", "class_id", "label", "score", "top_ids", "top_scores", "ratio_1v2", "probs",
-        "ready_time", "elapsed_s", "is_final", "stop_reason", "repeated"]
+        "ready_time", "elapsed_s", "is_final", "stop_reason", "repeated", "ensemble"]
 )
 
 
@@ -411,6 +422,10 @@ class StagedEngine:
     ``d`` seconds, none runs for ``d * (1 - probe_duty) / probe_duty`` seconds, so
     probing cannot take more than that share of the time the next frames need.
 
+    ``use_ensemble`` (default true): answer with the checkpoint's exit ensemble
+    when it has one (module note); false, or a checkpoint without one, answers
+    with each exit's own probabilities.
+
     ``gc_during_run=False`` (default) disables Python's cyclic garbage collector
     while a run executes and re-enables it after the run's answers and probes: a
     collection that falls inside a stage is a pause the admission quantile does
@@ -433,6 +448,7 @@ class StagedEngine:
         probe_duty: float = 0.1,
         fuse_heads: bool = True,
         gc_during_run: bool = False,
+        use_ensemble: bool = True,
         clock: Clock = time.monotonic,
     ) -> None:
         if not 0.0 < admission_quantile <= 1.0:
@@ -467,6 +483,13 @@ class StagedEngine:
         self.top_k = min(int(top_k), self.num_classes)
         self.class_names: list[str] = list(checkpoint.class_names or [])
         self.exit_accuracy = list(getattr(checkpoint, "exit_accuracy", None) or [])
+        spec = getattr(checkpoint, "ensemble", None) if use_ensemble else None
+        # Row k of the weights as an array (exits 0..k), or None: each exit answers alone.
+        self.ensemble_weights: list[np.ndarray] | None = (
+            None if spec is None else
+            [np.asarray(row, dtype=np.float64) for row in validate_ensemble(spec, self.num_stages)["weights"]])
+        self.use_ensemble = self.ensemble_weights is not None
+        self._own_log_probs: list[np.ndarray | None] = [None] * self.num_stages  # this run's exits, own answers
         dtype = torch.float16 if fp16 else torch.float32
         self.preprocessor = Preprocessor(checkpoint.preprocessing, self.device, dtype=dtype)
         self.input_size = self.preprocessor.input_size
@@ -752,16 +775,20 @@ class StagedEngine:
             predicted_ready = next_started + next_predicted
 
     def _run_apriori(self, report: RunReport, cap: int, on_result: Callable[[StageResult], Any] | None) -> None:
-        """Pick the deepest exit whose blocks 0..k + head k fit the remaining time; run only that."""
+        """Pick the deepest exit whose blocks 0..k + head k fit the remaining time; run only that.
+
+        With an exit ensemble the answer needs heads 0..k as well: the cost is the
+        anytime completion of exit k, and the stages run one after the other.
+        """
         now = self.clock()
         chosen, predicted = None, math.nan
+        cost_of = self._apriori_cost
         if report.deadline is None:
             chosen = cap - 1
             if self.timing.is_calibrated:
-                predicted = self.timing.predict_exit_cost(chosen, self.admission_quantile) + self.overhead_s
+                predicted = cost_of(chosen)
         else:
-            costs = [self.timing.predict_exit_cost(k, self.admission_quantile) + self.overhead_s
-                     for k in range(cap)]
+            costs = [cost_of(k) for k in range(cap)]
             # Choose, then check again at the start: the process can lose the CPU in between (a late
             # a-priori answer on a loaded machine came from an 8 ms pause there, its exit within its p99).
             for now in (now, self.clock()):
@@ -774,8 +801,11 @@ class StagedEngine:
             report.stop_reason = StopReason.NO_TIME
             return
         started = self.clock()
-        out = self._executor.wait(self._executor.launch_exit(chosen))
-        self._record(out)
+        if self.ensemble_weights is None:
+            out = self._executor.wait(self._executor.launch_exit(chosen))
+            self._record(out)
+        else:
+            out = self._run_ensemble_exit(chosen)
         if chosen == self.num_stages - 1:
             stop = StopReason.COMPLETE
         elif chosen == cap - 1 and cap < self.num_stages:
@@ -783,6 +813,52 @@ class StagedEngine:
         else:
             stop = StopReason.DEADLINE
         self._emit(report, out, None, stop, predicted, started, chosen, on_result)
+
+    def _apriori_cost(self, k: int) -> float:
+        """Predicted a-priori cost of exit k at the admission quantile (with the host overhead per launch)."""
+        q = self.admission_quantile
+        if self.ensemble_weights is None:
+            return self.timing.predict_exit_cost(k, q) + self.overhead_s
+        # k + 1 stages, each one launch and one wait on CUDA, as in anytime.
+        return self.timing.predict_ensemble_exit_cost(k, q) + (k + 1) * self.overhead_s
+
+    def _run_ensemble_exit(self, k: int) -> _StageOutput:
+        """A-priori with an ensemble: stages 0..k (block + head each), one output for exit k.
+
+        Uses the executors' per-stage ``launch`` (the anytime path, CPU and CUDA alike) rather than
+        ``launch_exit``: every head's probabilities are needed, and each stage is recorded as in anytime.
+        All stages are queued before the first wait, so on CUDA the device does not idle between them.
+        The returned output holds exit k's own probabilities, every block and the heads' summed time
+        (what RunReport.actual_s reports); the earlier exits' own answers are kept for the combination.
+        """
+        launch, wait = self._executor.launch, self._executor.wait
+        handles = [launch(j) for j in range(k + 1)]
+        blocks, head_s = [], 0.0
+        out = None
+        for handle in handles:
+            out = wait(handle)
+            self._record(out)
+            blocks += out.block_s
+            head_s += out.head_s
+            if out.stage < k:  # exit k's own answer is kept when its result is built
+                self._own_log_probs[out.stage] = np.log(np.maximum(out.probs, _ENSEMBLE_EPS))
+        assert out is not None
+        return _StageOutput(k, out.probs, blocks, head_s, out.ready_time)
+
+    def _answer(self, out: _StageOutput) -> np.ndarray:
+        """Exit ``out.stage``'s published probabilities: its own, or the ensemble of exits 0..stage.
+
+        Keeps the exit's own log-probabilities for the later exits' combinations; the combination is
+        one weighted sum over the (k, C) stack (impatient_ros.core.ensemble's rule, inlined: only row k
+        is needed, not the triangle combine_probabilities computes).
+        """
+        k = out.stage
+        own = self._own_log_probs
+        own[k] = np.log(np.maximum(out.probs, _ENSEMBLE_EPS))
+        z = self.ensemble_weights[k] @ np.stack(own[: k + 1])
+        z -= z.max()
+        p = np.exp(z)
+        return (p / p.sum()).astype(np.float32)
 
     # ------------------------------------------------------------------ helpers
     def _predict(self, k: int) -> float:
@@ -810,6 +886,8 @@ class StagedEngine:
         """Begin a run on input ``x``: the executor's state and the path sum of this run."""
         self._executor.start(x)
         self._path_next, self._path_s = 0, 0.0
+        if self.ensemble_weights is not None:
+            self._own_log_probs = [None] * self.num_stages
 
     def _record(self, out: _StageOutput, force: bool = False) -> None:
         """Feed one exit's measurements into the timing model, stamped with its ready time."""
@@ -870,20 +948,25 @@ class StagedEngine:
         return max(self._callback_s) if self._callback_s else 0.0
 
     def _result(self, out: _StageOutput, began: float, stop: StopReason) -> StageResult:
-        """The StageResult of one exit (ranked from its probabilities when first read, see _LazyStageResult)."""
+        """The StageResult of one exit (ranked from its probabilities when first read, see _LazyStageResult).
+
+        Called once per exit that is handed over, in stage order (the ensemble relies on it).
+        """
+        ensemble = self.ensemble_weights is not None
+        probs = self._answer(out) if ensemble else out.probs
         if _LAZY_RESULT:
             result = _new_object(_LazyStageResult)
             result.__dict__.update(
-                stage=out.stage + 1, num_stages=self.num_stages, probs=out.probs, ready_time=out.ready_time,
+                stage=out.stage + 1, num_stages=self.num_stages, probs=probs, ready_time=out.ready_time,
                 elapsed_s=out.ready_time - began, is_final=stop is not StopReason.NONE, stop_reason=stop,
-                repeated=False, _ranking_of=(self.top_k, self.class_names))
+                repeated=False, ensemble=ensemble, _ranking_of=(self.top_k, self.class_names))
             return result
-        top_ids, top_scores, ratio = _rank(out.probs, self.top_k)
+        top_ids, top_scores, ratio = _rank(probs, self.top_k)
         class_id, names = top_ids[0], self.class_names
         return StageResult(out.stage + 1, self.num_stages, class_id,
                            names[class_id] if class_id < len(names) else str(class_id), top_scores[0], top_ids,
-                           top_scores, ratio, out.probs, out.ready_time, out.ready_time - began,
-                           stop is not StopReason.NONE, stop)
+                           top_scores, ratio, probs, out.ready_time, out.ready_time - began,
+                           stop is not StopReason.NONE, stop, ensemble=ensemble)
 
     def _emit(self, report: RunReport, out: _StageOutput, result: StageResult | None, stop: StopReason,
               predicted: float, started: float, deepest: int,

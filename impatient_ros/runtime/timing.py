@@ -384,6 +384,18 @@ class TimingModel:
             return self._aged(path, q) + self.head_cost(stage, q)
         return sum(self.block_cost(j, q) for j in range(stage + 1)) + self.head_cost(stage, q)
 
+    def predict_ensemble_exit_cost(self, stage: int, q: float = 0.99) -> float:
+        """A-priori cost of exit ``stage`` with an exit ensemble: blocks 0..stage plus heads 0..stage.
+
+        The ensemble's answer at exit k needs every exit up to k, so this is the
+        anytime completion of exit k counted from the start: the sum of
+        :meth:`predict_anytime_completion` over stages 0..stage (a sum of
+        quantiles, so as conservative as the a-priori fallback above).
+        """
+        self._check_stage(stage)
+        self._check_q(q)
+        return sum(self.predict_anytime_completion(j, q) for j in range(stage + 1))
+
     def summary(self) -> list[dict[str, float | int]]:
         """Per stage (1-based): mean, p50, p90, p99 of block + head in ms, and sample counts."""
         rows = []
