@@ -80,6 +80,7 @@ def test_fill_every_field_from_a_stage_result() -> None:
     assert msg.ratio_1v2 == pytest.approx(5.0)
     assert list(msg.top_ids) == result.top_ids
     assert list(msg.top_scores) == pytest.approx(result.top_scores)
+    assert msg.ensemble is False  # an exit's own answer
     assert msg.stage_accuracy == pytest.approx(0.875)
     assert (msg.latency.sec, msg.latency.nanosec) == (0, 4_200_000)
     assert (msg.budget.sec, msg.budget.nanosec) == (0, 20_000_000)
@@ -88,6 +89,19 @@ def test_fill_every_field_from_a_stage_result() -> None:
     again = deserialize_message(wire, StagePrediction)
     assert serialize_message(again) == wire
     assert again.label == LABELS[9] and again.image_seq == 2**40 + 5 and again.ratio_1v2 == pytest.approx(5.0)
+
+
+def test_ensemble_flag_is_the_results() -> None:
+    import dataclasses
+
+    result = dataclasses.replace(_result(), ensemble=True)
+    msg = build_stage_prediction(StagePrediction, result, header=_header(), image_seq=1, labels=LABELS,
+                                 accuracy=math.nan, latency_s=0.001, budget_s=None)
+    assert msg.ensemble is True
+    again = deserialize_message(serialize_message(msg), StagePrediction)
+    assert again.ensemble is True
+    assert build_stage_prediction(StagePrediction, _result(), header=_header(), image_seq=1, labels=LABELS,
+                                  accuracy=math.nan, latency_s=0.001, budget_s=None).ensemble is False
 
 
 def test_stop_reasons_map_onto_the_message_constants() -> None:

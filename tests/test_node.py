@@ -262,6 +262,7 @@ def test_every_stage_in_order_with_one_final(main_node: NodeProbe) -> None:
             assert list(m.top_scores) == sorted(m.top_scores, reverse=True)
             assert m.ratio_1v2 >= 1.0
             assert m.stage_accuracy == pytest.approx(EXIT_ACCURACY[m.stage - 1])
+            assert not m.ensemble  # the checkpoint has no ensemble weights: each exit's own answer
             assert m.budget.sec == 0 and m.budget.nanosec == 0
         # The per-stage topics carry the same messages, one each.
         wait_for(lambda: all(main_node.stage_topic(k, frame_id) for k in range(1, K + 1)), 5, "stage topics")

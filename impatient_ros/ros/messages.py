@@ -13,6 +13,8 @@ Conventions:
   are clamped to zero.
 * ``budget`` zero means unlimited, as in the Budget message.
 * ``stage_accuracy`` is NaN when the checkpoint has no validation accuracy.
+* ``ensemble`` is the result's: the answer combines exits 1..stage by the
+  checkpoint's exit-ensemble weights (false when the result has no such field).
 * ``stop_reason`` takes the engine's ``StopReason`` value, which equals the
   message's ``STOP_*`` constants for 0..5; ``NO_TIME`` has no message value
   (nothing is published for such an image) and is refused.
@@ -167,6 +169,8 @@ def fill_stage_prediction(
     msg.ratio_1v2 = float(result.ratio_1v2)
     msg.top_ids = [int(i) for i in result.top_ids]
     msg.top_scores = [float(s) for s in result.top_scores]
+    # Results built before StageResult.ensemble existed (or stand-ins) are an exit's own answer.
+    msg.ensemble = bool(getattr(result, "ensemble", False))
     msg.stage_accuracy = float(accuracy)
     fill_duration(msg.latency, latency_s)
     fill_duration(msg.budget, 0.0 if budget_s is None else budget_s)
