@@ -283,6 +283,7 @@ class ImpatientNode(LifecycleNode):
                 fp16=self._param("fp16"),
                 cuda_graphs=self._param("cuda_graphs"),
                 allow_cpu_fallback=self._param("allow_cpu_fallback"),
+                use_ensemble=self._param("use_ensemble"),
             )
         for warning in caught:
             self.get_logger().warning(str(warning.message))
@@ -303,7 +304,8 @@ class ImpatientNode(LifecycleNode):
         self.get_logger().info(
             f"configured: {path} ({engine.num_stages} stages, {engine.num_classes} classes) on "
             f"{engine.device_label} ({torch.get_num_threads()} torch thread(s)), vision_msgs output "
-            f"{'on' if vision is not None else 'off'}; stage cost p{100 * engine.admission_quantile:g} [ms]: "
+            f"{'on' if vision is not None else 'off'}, exit ensemble {'on' if engine.use_ensemble else 'off'}; "
+            f"stage cost p{100 * engine.admission_quantile:g} [ms]: "
             + ", ".join(f"{ms:.2f}" for ms in self._predicted_ms))
 
     def _create_vision_publishers(self, vision: Any, num_stages: int, results_qos: QoSProfile) -> None:

@@ -46,6 +46,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("fp16", False, "Half precision on CUDA (ignored on the CPU).", read_only=True),
     ParamSpec("cuda_graphs", True, "Capture one CUDA graph per stage (much lower launch overhead).",
               read_only=True),
+    ParamSpec("use_ensemble", True, "When the checkpoint carries exit-ensemble weights, publish at exit k the "
+              "ensemble of exits 1..k (StagePrediction.ensemble true); apriori then runs heads 1..k too and "
+              "admits by their cost. false (or a checkpoint without weights): each exit's own answer.",
+              read_only=True),
     ParamSpec("num_threads", 1, "torch CPU threads (torch.set_num_threads), set at configure before "
               "calibration. 1 by default: at batch 1 a stage gains little from more threads, and on a robot "
               "whose other processes want the cores too, extra threads make stage times (and so the "
