@@ -979,3 +979,12 @@ def test_invalid_ensemble_is_refused(checkpoint):
 
     with pytest.raises(EnsembleError, match="weight rows"):
         _engine(_with_ensemble(checkpoint, {"kind": "geometric", "weights": [[1.0]]}))
+
+
+def test_ensemble_read_from_a_saved_checkpoint(checkpoint, tmp_path, image):
+    # The weights travel in the file (checkpoint["ensemble"]); the engine uses them unless told not to.
+    path = save_checkpoint(tmp_path / "ens.pt", checkpoint.net, class_names=CLASSES, preprocessing=PREPROCESSING,
+                           ensemble=_ECHO_EXIT_1)
+    engine = _engine(load_checkpoint(path))
+    assert engine.use_ensemble and all(r.ensemble for r in engine.run(image, "gray").results)
+    assert not _engine(load_checkpoint(path), use_ensemble=False).use_ensemble
