@@ -38,7 +38,12 @@ Rules that hold in every mode:
 ``ratio_1v2`` is ``p1 / max(p2, 1e-12)``: the clamp keeps the ratio finite
 when the runner-up probability underflows to zero in float32.
 
-On CUDA the engine captures one CUDA graph per block and per head (static
+How a stage runs on the device is :mod:`impatient_ros.runtime.executors`; this
+module is the policy around it. It stays one file: admission, the modes, the
+one-final-answer guarantee, probing and calibration rounds all read and write
+the same run state, and they read better side by side than spread over modules.
+
+On CUDA the executor captures one CUDA graph per block and per head (static
 input/output buffers, captured after warm-up on a side stream), optionally runs
 in float16, copies each exit's probabilities ``non_blocking`` into a pinned host
 buffer and records a CUDA event, so in anytime mode stage k+1's kernels are
@@ -67,7 +72,7 @@ import math
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +84,7 @@ from impatient_ros.core.ensemble import validate_ensemble
 # The result types live in the torch-free core (the node's pure helpers and the tools use them);
 # they are re-exported here, so ``from impatient_ros.runtime.engine import StopReason`` keeps working.
 from impatient_ros.core.results import EngineError, Mode, RunReport, StageResult, StopReason
+from impatient_ros.runtime.executors import Clock, CpuExecutor, CudaExecutor, StageOutput
 from impatient_ros.runtime.device import DeviceFallbackWarning, DeviceUnavailableError, resolve_device
 from impatient_ros.runtime.fusion import fuse_heads as fuse_heads_of
 from impatient_ros.runtime.preprocess import Preprocessor
@@ -111,7 +117,6 @@ RATIO_EPSILON = 1e-12  # floor for the runner-up probability in ratio_1v2
 _DEFAULT_CUDA_OVERHEAD_S = 50e-6
 _ENSEMBLE_EPS = 1e-12  # probability floor before the log, as impatient_ros.core.ensemble.combine_probabilities
 
-Clock = Callable[[], float]  # what StagedEngine(clock=...) takes: seconds, never going back
 
 _RANKING_FIELDS = ("class_id", "label", "score", "top_ids", "top_scores", "ratio_1v2")
 
@@ -179,214 +184,6 @@ class CalibrationRounds:
     rounds: int
     seconds: float
     median_ms: list[list[float]]
-
-
-@dataclass(slots=True)
-class _StageOutput:
-    """What an executor hands back for one exit."""
-
-    stage: int
-    probs: np.ndarray
-    block_s: list[tuple[int, float]]   # (stage, seconds) of every block run for this exit
-    head_s: float
-    ready_time: float
-
-    @property
-    def device_s(self) -> float:
-        return sum(s for _, s in self.block_s) + self.head_s
-
-
-# --------------------------------------------------------------------------- executors
-
-
-def _exit_probs(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """An exit's softmax probabilities (num_classes,) from its head, in float32 even for a half network."""
-    return torch.softmax(head(h).float(), dim=-1)[0]
-
-
-def _cpu_exit_probs(head: torch.nn.Module, h: torch.Tensor) -> np.ndarray:
-    """:func:`_exit_probs` of a float32 CPU network as numpy, in fewer operator calls (same values).
-
-    Indexing the row after the conversion is a numpy view, not one more torch call.
-    """
-    logits = head(h)
-    if logits.dtype != torch.float32:
-        logits = logits.float()
-    return logits.softmax(-1).numpy()[0]
-
-
-class _CpuExecutor:
-    """Runs the eager network synchronously; times per block and head on the engine's clock.
-
-    Calls the blocks and heads directly (the engine validated the stage index
-    once): on a 1 ms network every per-exit call that is not arithmetic shows.
-    """
-
-    is_async = False
-
-    def __init__(self, net: torch.nn.Module, clock: Clock = time.monotonic) -> None:
-        self.net = net
-        self._clock = clock
-        self._blocks = list(net.blocks)
-        self._heads = list(net.heads)
-        self._h: torch.Tensor | None = None
-
-    def start(self, x: torch.Tensor) -> None:
-        self._h = x
-
-    def launch(self, k: int) -> _StageOutput:
-        clock = self._clock
-        t0 = clock()
-        self._h = self._blocks[k](self._h)
-        t1 = clock()
-        probs = _cpu_exit_probs(self._heads[k], self._h)
-        t2 = clock()
-        return _StageOutput(k, probs, [(k, t1 - t0)], t2 - t1, t2)
-
-    def launch_exit(self, k: int) -> _StageOutput:
-        blocks = []
-        h = self._h
-        clock = self._clock
-        for j in range(k + 1):
-            t0 = clock()
-            h = self._blocks[j](h)
-            blocks.append((j, clock() - t0))
-        t1 = clock()
-        probs = _cpu_exit_probs(self._heads[k], h)
-        t2 = clock()
-        return _StageOutput(k, probs, blocks, t2 - t1, t2)
-
-    @staticmethod
-    def done(handle: _StageOutput) -> bool:
-        return True
-
-    @staticmethod
-    def wait(handle: _StageOutput) -> _StageOutput:
-        return handle
-
-
-class _CudaExecutor:
-    """Queues blocks and heads on the current CUDA stream (as CUDA graphs or eagerly).
-
-    Each exit ends with a non-blocking copy of its probabilities into a pinned
-    host buffer and a CUDA event; ``wait`` blocks on that event only, so work
-    queued after it keeps the device busy. Block and head times come from CUDA
-    events (device time, not host time); only the ready time is read from the
-    engine's clock.
-    """
-
-    is_async = True
-
-    def __init__(self, net: torch.nn.Module, input_shape: Sequence[int], dtype: torch.dtype,
-                 device: torch.device, use_graphs: bool, clock: Clock = time.monotonic) -> None:
-        self.net = net
-        self._clock = clock
-        self.device = device
-        k_total = net.num_stages
-        num_classes = net.config.num_classes
-        self._pinned = [torch.empty(num_classes, dtype=torch.float32, pin_memory=True) for _ in range(k_total)]
-        self._ev_start = [torch.cuda.Event(enable_timing=True) for _ in range(k_total)]
-        self._ev_mid = [torch.cuda.Event(enable_timing=True) for _ in range(k_total)]
-        self._ev_ready = [torch.cuda.Event(enable_timing=True) for _ in range(k_total)]
-        self._exit_blocks: dict[int, list[int]] = {}  # stage -> blocks its pending exit ran
-        self._h: torch.Tensor | None = None
-        self._keep: list[torch.Tensor] = []  # eager outputs alive until their copies are queued
-        self.graphs = False
-        if use_graphs:
-            try:
-                self._capture(tuple(input_shape), dtype)
-                self.graphs = True
-            except RuntimeError as exc:  # an op that cannot be captured: eager still works
-                warnings.warn(f"CUDA graph capture failed ({exc}); running eagerly", RuntimeWarning, stacklevel=3)
-
-    def _capture(self, input_shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """Capture one graph per block and per head, after warm-up on a side stream (PyTorch CUDA graphs docs)."""
-        net = self.net
-        self._static_in = torch.zeros(input_shape, dtype=dtype, device=self.device)
-        # Warm-up outside capture: cuDNN/cuBLAS pick algorithms and allocate workspaces here,
-        # which must not happen during capture.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                h = self._static_in
-                for k in range(net.num_stages):
-                    h = net.run_block(k, h)
-                    _exit_probs(net.heads[k], h)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        self._block_graphs: list[torch.cuda.CUDAGraph] = []
-        self._head_graphs: list[torch.cuda.CUDAGraph] = []
-        self._static_act: list[torch.Tensor] = []
-        self._static_probs: list[torch.Tensor] = []
-        h = self._static_in
-        for k in range(net.num_stages):
-            # Each graph keeps its own memory pool: exits are replayed in varying orders
-            # (heads skipped in a-priori mode), so pools are not shared.
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                h = net.run_block(k, h)           # reads the previous graph's static output
-            self._block_graphs.append(graph)
-            self._static_act.append(h)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                probs = _exit_probs(net.heads[k], h)
-            self._head_graphs.append(graph)
-            self._static_probs.append(probs)
-        torch.cuda.synchronize(self.device)
-
-    def start(self, x: torch.Tensor) -> None:
-        self._keep.clear()
-        if self.graphs:
-            self._static_in.copy_(x, non_blocking=True)
-            self._h = self._static_in
-        else:
-            self._h = x
-
-    def _block(self, k: int) -> None:
-        if self.graphs:
-            self._block_graphs[k].replay()
-            self._h = self._static_act[k]
-        else:
-            self._h = self.net.run_block(k, self._h)
-
-    def _head(self, k: int) -> None:
-        if self.graphs:
-            self._head_graphs[k].replay()
-            probs = self._static_probs[k]
-        else:
-            probs = _exit_probs(self.net.heads[k], self._h)
-            self._keep.append(probs)
-        self._pinned[k].copy_(probs, non_blocking=True)
-        self._ev_ready[k].record()
-
-    def launch(self, k: int) -> int:
-        self._ev_start[k].record()
-        self._block(k)
-        self._ev_mid[k].record()
-        self._head(k)
-        self._exit_blocks[k] = [k]
-        return k
-
-    def launch_exit(self, k: int) -> int:
-        for j in range(k + 1):
-            self._ev_start[j].record()
-            self._block(j)
-            self._ev_mid[j].record()
-        self._head(k)
-        self._exit_blocks[k] = list(range(k + 1))
-        return k
-
-    def done(self, k: int) -> bool:
-        return self._ev_ready[k].query()
-
-    def wait(self, k: int) -> _StageOutput:
-        self._ev_ready[k].synchronize()
-        ready = self._clock()
-        probs = self._pinned[k].numpy().copy()  # the buffer is reused by the next image
-        blocks = [(j, self._ev_start[j].elapsed_time(self._ev_mid[j]) / 1e3) for j in self._exit_blocks[k]]
-        head_s = self._ev_mid[k].elapsed_time(self._ev_ready[k]) / 1e3
-        return _StageOutput(k, probs, blocks, head_s, ready)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -503,10 +300,10 @@ class StagedEngine:
             self.net.half()
         with self._device_scope(), torch.inference_mode():
             if self.device.type == "cuda":
-                self._executor: _CpuExecutor | _CudaExecutor = _CudaExecutor(
+                self._executor: CpuExecutor | CudaExecutor = CudaExecutor(
                     self.net, self.preprocessor.output_shape, dtype, self.device, cuda_graphs, clock)
             else:
-                self._executor = _CpuExecutor(self.net, clock)
+                self._executor = CpuExecutor(self.net, clock)
         self.cuda_graphs = bool(getattr(self._executor, "graphs", False))
         self.device_label = self._describe_device()
         self.overhead_s = _DEFAULT_CUDA_OVERHEAD_S if self.device.type == "cuda" else 0.0
@@ -544,7 +341,7 @@ class StagedEngine:
             raise EngineError(f"need max_rounds >= 2 and tolerance >= 0, got {max_rounds} and {tolerance}")
         per_round = max(1, -(-iterations // 2))
         began = self.clock()
-        rounds: list[list[list[_StageOutput]]] = []   # round -> pass -> one output per stage
+        rounds: list[list[list[StageOutput]]] = []   # round -> pass -> one output per stage
         overheads: list[list[float]] = []
         medians: list[list[float]] = []
         stable = False
@@ -822,7 +619,7 @@ class StagedEngine:
         # k + 1 stages, each one launch and one wait on CUDA, as in anytime.
         return self.timing.predict_ensemble_exit_cost(k, q) + (k + 1) * self.overhead_s
 
-    def _run_ensemble_exit(self, k: int) -> _StageOutput:
+    def _run_ensemble_exit(self, k: int) -> StageOutput:
         """A-priori with an ensemble: stages 0..k (block + head each), one output for exit k.
 
         Uses the executors' per-stage ``launch`` (the anytime path, CPU and CUDA alike) rather than
@@ -843,9 +640,9 @@ class StagedEngine:
             if out.stage < k:  # exit k's own answer is kept when its result is built
                 self._own_log_probs[out.stage] = np.log(np.maximum(out.probs, _ENSEMBLE_EPS))
         assert out is not None
-        return _StageOutput(k, out.probs, blocks, head_s, out.ready_time)
+        return StageOutput(k, out.probs, blocks, head_s, out.ready_time)
 
-    def _answer(self, out: _StageOutput) -> np.ndarray:
+    def _answer(self, out: StageOutput) -> np.ndarray:
         """Exit ``out.stage``'s published probabilities: its own, or the ensemble of exits 0..stage.
 
         Keeps the exit's own log-probabilities for the later exits' combinations; the combination is
@@ -889,7 +686,7 @@ class StagedEngine:
         if self.ensemble_weights is not None:
             self._own_log_probs = [None] * self.num_stages
 
-    def _record(self, out: _StageOutput, force: bool = False) -> None:
+    def _record(self, out: StageOutput, force: bool = False) -> None:
         """Feed one exit's measurements into the timing model, stamped with its ready time."""
         if not (self.online_update or force):
             self._path_next = -1  # a gap in the measured path: no path sums for the rest of this run
@@ -947,7 +744,7 @@ class StagedEngine:
     def _callback_estimate(self) -> float:
         return max(self._callback_s) if self._callback_s else 0.0
 
-    def _result(self, out: _StageOutput, began: float, stop: StopReason) -> StageResult:
+    def _result(self, out: StageOutput, began: float, stop: StopReason) -> StageResult:
         """The StageResult of one exit (ranked from its probabilities when first read, see _LazyStageResult).
 
         Called once per exit that is handed over, in stage order (the ensemble relies on it).
@@ -968,7 +765,7 @@ class StagedEngine:
                            top_scores, ratio, probs, out.ready_time, out.ready_time - began,
                            stop is not StopReason.NONE, stop, ensemble=ensemble)
 
-    def _emit(self, report: RunReport, out: _StageOutput, result: StageResult | None, stop: StopReason,
+    def _emit(self, report: RunReport, out: StageOutput, result: StageResult | None, stop: StopReason,
               predicted: float, started: float, deepest: int,
               on_result: Callable[[StageResult], Any] | None) -> None:
         """Add the exit's StageResult (built here unless given, with ``stop``) to the report and hand it over."""
