@@ -36,25 +36,31 @@ Contracts
 * A decoder *warning* rejects the frame (``"decode_failed"``). libjpeg decodes
   a JPEG whose scan data was cut short (or hit a bit error) into a partly flat
   grey image and only prints "Corrupt JPEG data: ..." to stderr; such an image
-  must not be classified. See :func:`_decode_checked` for how it is detected.
+  must not be classified. See :mod:`impatient_ros.ros.decoder_warnings` for how it is detected.
 * Bad *tuning* arguments (``max_pixels``, ``quality``, ...) are programming
   errors and raise ``ValueError``, so they never count as message failures.
 """
 
 from __future__ import annotations
 
-import ctypes
 import operator
-import os
-import re
 import sys
-import tempfile
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
+
+from impatient_ros.ros.compressed_headers import (
+    CODEC_NAMES,
+    check_end_marker,
+    codec_from_format,
+    jpeg_header,
+    png_header,
+    sniff_codec,
+)
+from impatient_ros.ros.decoder_warnings import decode_with_warnings
+from impatient_ros.ros.image_errors import REASONS, ImageConversionError
 
 __all__ = [
     "DEFAULT_MAX_COMPRESSED_BYTES",
@@ -81,43 +87,6 @@ DEFAULT_MAX_COMPRESSED_BYTES = 100 * 2**20
 # OpenCV (5.0) holds a second copy of the array while it hands it over, so one
 # decode's peak is about twice the decoded size.
 DEFAULT_MAX_DECODED_BYTES = 128 * 2**20
-
-REASONS = frozenset(
-    {
-        "unknown_encoding",  # raw encoding not in SUPPORTED_ENCODINGS
-        "bad_endianness",  # is_bigendian is not 0/1
-        "bad_field",  # height/width/step not a non-negative integer
-        "zero_size",  # height or width is 0
-        "too_large",  # more than max_pixels pixels, max_bytes bytes or max_decoded_bytes decoded
-        "bad_step",  # step shorter than a row, or not a multiple of the element size
-        "bad_data",  # data is not a contiguous byte buffer
-        "short_data",  # fewer than step * height bytes
-        "long_data",  # more than step * height bytes
-        "empty_data",  # compressed payload of zero bytes
-        "unsupported_format",  # compressed format string names no JPEG/PNG codec
-        "format_mismatch",  # format string says JPEG but the bytes are PNG, or vice versa
-        "truncated",  # compressed payload ends before its end marker
-        "decode_failed",  # corrupt compressed payload (header parse, OpenCV failed or warned)
-        "bad_array",  # array_to_*: array shape/dtype does not fit the encoding
-        "encode_failed",  # array_to_compressed: OpenCV could not encode
-    }
-)
-
-
-class ImageConversionError(ValueError):
-    """An image message that cannot be converted; ``reason`` is a code from REASONS."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        if reason not in REASONS:
-            # A typo here would silently create a new diagnostics counter.
-            raise AssertionError(f"unregistered reason code {reason!r}")
-        super().__init__(reason, message)
-        self.reason = reason
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.message} [reason: {self.reason}]"
-
 
 @dataclass(frozen=True, eq=False)  # eq would compare arrays, which has no single truth value
 class DecodedImage:
@@ -288,18 +257,6 @@ def array_to_image_fields(
 
 # --------------------------------------------------------------------- compressed images
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_SIGNATURE = b"\xff\xd8\xff"
-_CODEC_NAMES = {"jpeg": "jpeg", "jpg": "jpeg", "png": "png"}
-# JPEG frame headers (SOF0-SOF15 without DHT C4, JPG C8, DAC CC) carry the size.
-_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length
-_JPEG_MAX_SEGMENTS = 4096  # real files have a few dozen; bounds the parse loop
-_JPEG_MAX_FILL = 1024  # 0xFF fill bytes allowed before one marker
-# End markers (JPEG EOI, PNG IEND) are looked for in this many final bytes, which
-# tolerates small trailers and zero padding (e.g. V4L2 MJPEG buffers).
-_END_MARKER_WINDOW = 4096
-
 
 def compressed_to_array(
     format: str,  # noqa: A002 - the sensor_msgs/CompressedImage field name
@@ -323,7 +280,7 @@ def compressed_to_array(
     _check_positive_limit("max_pixels", max_pixels)
     _check_positive_limit("max_bytes", max_bytes)
     _check_positive_limit("max_decoded_bytes", max_decoded_bytes)
-    declared = _codec_from_format(format)
+    declared = codec_from_format(format)
     buffer = _as_byte_array(data)
     if buffer.size == 0:
         raise ImageConversionError("empty_data", "compressed image has no data")
@@ -333,13 +290,13 @@ def compressed_to_array(
             f"compressed image has {buffer.size} bytes, more than max_bytes={max_bytes}",
         )
     view = memoryview(buffer)
-    actual = _sniff_codec(view)
+    actual = sniff_codec(view)
     if declared is not None and declared != actual:
         raise ImageConversionError(
             "format_mismatch",
             f"format {format!r} says {declared} but the data is {actual}; fix the publisher's format field",
         )
-    header = _png_header(view) if actual == "png" else _jpeg_header(view)
+    header = png_header(view) if actual == "png" else jpeg_header(view)
     width, height = header.width, header.height
     if width * height > max_pixels:
         raise ImageConversionError(
@@ -353,8 +310,8 @@ def compressed_to_array(
             f"{actual} header declares {width}x{height} {header.describe}: decoding needs "
             f"{header.decoded_bytes} bytes, more than max_decoded_bytes={max_decoded_bytes}",
         )
-    _check_end_marker(actual, view)
-    decoded, messages = _decode_checked(buffer)
+    check_end_marker(actual, view)
+    decoded, messages = decode_with_warnings(buffer)
     if decoded is None:
         said = f": {messages}" if messages else " (corrupt?)"
         raise ImageConversionError("decode_failed", f"OpenCV could not decode the {actual} data{said}")
@@ -403,7 +360,7 @@ def array_to_compressed(
     format string follows image_transport, e.g. ``"bgr8; jpeg compressed bgr8"``.
     Returns ``dict(format, data: bytes)``.
     """
-    codec = _CODEC_NAMES.get(str(fmt).lower())
+    codec = CODEC_NAMES.get(str(fmt).lower())
     if codec is None:
         raise ImageConversionError("unsupported_format", f"fmt must be 'jpeg' or 'png', got {fmt!r}")
     if not 1 <= quality <= 100:
@@ -543,288 +500,3 @@ def _as_image_array(array: Any) -> np.ndarray:
             "bad_array", f"array must be (H, W) or (H, W, C), got shape {pixels.shape}"
         )
     return pixels
-
-
-def _codec_from_format(fmt: Any) -> str | None:
-    if not isinstance(fmt, str):
-        raise ImageConversionError("unsupported_format", f"format must be a string, got {fmt!r}")
-    text = fmt.strip().lower()
-    if not text:
-        return None
-    # "jpeg" | "png" | "<src encoding>; <codec> compressed <dst encoding>"
-    parts = text.split(";")
-    words = parts[-1].split() if len(parts) <= 2 else []
-    if words and words[0] == "compresseddepth":
-        raise ImageConversionError(
-            "unsupported_format",
-            f"format {fmt!r} is compressedDepth, which is not supported; subscribe to the raw or "
-            "the 'compressed' transport instead",
-        )
-    codec = _CODEC_NAMES.get(words[0]) if words else None
-    if codec is None:
-        raise ImageConversionError(
-            "unsupported_format",
-            f"format {fmt!r} names no supported codec; expected 'jpeg', 'png' or "
-            "'<encoding>; <jpeg|png> compressed <encoding>'",
-        )
-    return codec
-
-
-def _sniff_codec(view: memoryview) -> str:
-    if view[: len(_PNG_SIGNATURE)] == _PNG_SIGNATURE:
-        return "png"
-    if view[: len(_JPEG_SIGNATURE)] == _JPEG_SIGNATURE:
-        return "jpeg"
-    raise ImageConversionError("decode_failed", "data starts with neither a JPEG nor a PNG signature")
-
-
-@dataclass(frozen=True)
-class _Header:
-    """What a JPEG/PNG header says about the decoded image and the decoder's memory."""
-
-    width: int
-    height: int
-    output_bytes: int  # the array OpenCV returns (IMREAD_UNCHANGED)
-    decoded_bytes: int  # that plus what the decoder holds for a whole image (progressive JPEG)
-    describe: str  # e.g. "16-bit, 4 channel(s)", for messages
-
-
-# PNG colour type -> (channels OpenCV returns, allowed bit depths). Types 2 and 3 gain an
-# alpha channel (BGRA) when a tRNS chunk is present; gray (0) ignores tRNS.
-_PNG_COLOUR_TYPES = {0: (1, (1, 2, 4, 8, 16)), 2: (3, (8, 16)), 3: (3, (1, 2, 4, 8)), 4: (4, (8, 16)),
-                     6: (4, (8, 16))}
-_PNG_MAX_CHUNKS = 4096  # chunks looked at before IDAT; bounds the walk
-# Progressive JPEG frames: the decoder buffers every DCT coefficient (2 bytes) of the image.
-_JPEG_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _png_header(view: memoryview) -> _Header:
-    # Signature (8), then the IHDR chunk: length (4), b"IHDR", width (4), height (4),
-    # bit depth (1), colour type (1), compression, filter, interlace, CRC.
-    if len(view) < 26:
-        raise ImageConversionError("truncated", f"PNG of {len(view)} bytes ends inside its header")
-    if view[12:16] != b"IHDR":
-        raise ImageConversionError("decode_failed", "PNG does not start with an IHDR chunk")
-    width = int.from_bytes(view[16:20], "big")
-    height = int.from_bytes(view[20:24], "big")
-    if width == 0 or height == 0:
-        raise ImageConversionError("decode_failed", f"PNG header declares a {width}x{height} image")
-    depth, colour = view[24], view[25]
-    channels, depths = _PNG_COLOUR_TYPES.get(colour, (0, ()))
-    if depth not in depths:
-        raise ImageConversionError("decode_failed", f"PNG header declares colour type {colour} at {depth} bits")
-    if colour in (2, 3) and _png_has_chunk_before_idat(view, b"tRNS"):
-        channels = 4
-    output = width * height * channels * (2 if depth == 16 else 1)
-    # libpng decodes straight into OpenCV's array (row pointers), interlaced images included.
-    return _Header(width, height, output, output, f"{depth}-bit, {channels} channel(s)")
-
-
-def _png_has_chunk_before_idat(view: memoryview, name: bytes) -> bool:
-    pos = 8  # after the signature; every chunk: length (4), type (4), data, CRC (4)
-    for _ in range(_PNG_MAX_CHUNKS):
-        if pos + 8 > len(view):
-            return False  # cut short: the end-marker check or the decoder refuses it
-        kind = bytes(view[pos + 4 : pos + 8])
-        if kind == name:
-            return True
-        if kind in (b"IDAT", b"IEND"):
-            return False
-        pos += 12 + int.from_bytes(view[pos : pos + 4], "big")
-    raise ImageConversionError("decode_failed", f"PNG: no image data in its first {_PNG_MAX_CHUNKS} chunks")
-
-
-def _jpeg_header(view: memoryview) -> _Header:
-    # Walk the marker segments after SOI up to the frame header (SOFn), which
-    # holds the size; it must come before the first scan (SOS).
-    size = len(view)
-    pos = 2
-    for _ in range(_JPEG_MAX_SEGMENTS):
-        if pos >= size:
-            break
-        if view[pos] != 0xFF:
-            raise ImageConversionError("decode_failed", f"JPEG: no marker at byte {pos}")
-        fill_end = min(size, pos + _JPEG_MAX_FILL)
-        while pos < fill_end and view[pos] == 0xFF:
-            pos += 1
-        if pos >= size:
-            break
-        if pos == fill_end:
-            raise ImageConversionError("decode_failed", f"JPEG: run of 0xFF bytes before byte {pos}")
-        marker = view[pos]
-        pos += 1
-        if marker in _JPEG_STANDALONE_MARKERS:
-            continue
-        if marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
-            raise ImageConversionError("decode_failed", "JPEG has no frame header before its scan data")
-        if pos + 2 > size:
-            break
-        length = int.from_bytes(view[pos : pos + 2], "big")
-        if length < 2:
-            raise ImageConversionError("decode_failed", f"JPEG segment length {length} at byte {pos}")
-        if marker in _JPEG_SOF_MARKERS:
-            return _jpeg_frame(view, pos, marker)
-        pos += length
-    else:
-        raise ImageConversionError("decode_failed", f"JPEG: no frame header in {_JPEG_MAX_SEGMENTS} segments")
-    raise ImageConversionError("truncated", f"JPEG of {size} bytes ends before its frame header")
-
-
-def _jpeg_frame(view: memoryview, pos: int, marker: int) -> _Header:
-    # Frame header at pos: length (2), precision (1), height (2), width (2), components (1),
-    # then per component: id (1), sampling factors H << 4 | V (1), quantisation table (1).
-    if pos + 8 > len(view):
-        raise ImageConversionError("truncated", f"JPEG of {len(view)} bytes ends inside its frame header")
-    precision = view[pos + 2]
-    height = int.from_bytes(view[pos + 3 : pos + 5], "big")
-    width = int.from_bytes(view[pos + 5 : pos + 7], "big")
-    components = view[pos + 7]
-    if width == 0 or height == 0:
-        # Height 0 means "defined later by DNL", which libjpeg cannot decode.
-        raise ImageConversionError("decode_failed", f"JPEG frame header declares {width}x{height}")
-    if components == 0:
-        raise ImageConversionError("decode_failed", "JPEG frame header declares no components")
-    if pos + 8 + 3 * components > len(view):
-        raise ImageConversionError("truncated", f"JPEG of {len(view)} bytes ends inside its frame header")
-    factors = [(view[pos + 9 + 3 * i] >> 4, view[pos + 9 + 3 * i] & 15) for i in range(components)]
-    if any(not (1 <= h <= 4 and 1 <= v <= 4) for h, v in factors):
-        raise ImageConversionError("decode_failed", f"JPEG sampling factors {factors} out of range 1..4")
-    sample_bytes = 2 if precision > 8 else 1
-    output = width * height * (1 if components == 1 else 3) * sample_bytes  # gray, or BGR (also from CMYK)
-    coefficients = 0
-    if marker in _JPEG_PROGRESSIVE:
-        h_max, v_max = max(h for h, _ in factors), max(v for _, v in factors)
-        for h, v in factors:
-            # 8x8 blocks of the component, padded to whole MCUs, 64 coefficients of 2 bytes each.
-            blocks_w = _ceil_div(_ceil_div(width * h, h_max), 8)
-            blocks_h = _ceil_div(_ceil_div(height * v, v_max), 8)
-            blocks_w += -blocks_w % h
-            blocks_h += -blocks_h % v
-            coefficients += blocks_w * blocks_h * 128
-    kind = "progressive, " if coefficients else ""
-    return _Header(width, height, output, output + coefficients,
-                   f"{kind}{precision}-bit, {components} component(s)")
-
-
-def _check_end_marker(codec: str, view: memoryview) -> None:
-    # Some OpenCV builds (4.x) decode a truncated JPEG into a partly grey image
-    # with only a warning; checking the end marker makes truncation an error
-    # on every version. Entropy-coded JPEG data cannot contain FF D9 (0xFF is
-    # byte-stuffed), so the marker's presence near the end is a sound test.
-    tail = bytes(view[-_END_MARKER_WINDOW:])
-    marker = b"\xff\xd9" if codec == "jpeg" else b"IEND"
-    if marker not in tail:
-        raise ImageConversionError(
-            "truncated", f"{codec} data of {len(view)} bytes has no end marker: truncated in transit?"
-        )
-
-
-# ------------------------------------------------------------------ decoding with warnings seen
-
-# OpenCV's JPEG decoder keeps libjpeg's default message handler, which prints a
-# warning ("Corrupt JPEG data: premature end of data segment") with fprintf to the
-# C stderr and decodes on, filling what is missing with grey; libpng prints
-# "libpng warning: ..." the same way. OpenCV exposes neither a warning count nor
-# a callback, and cv2.utils.logging does not reach these messages (they bypass
-# OpenCV's logger). So while OpenCV decodes, file descriptor 2 points at a
-# private in-memory file, and whatever the decoder printed there is a warning.
-#
-# Alternatives rejected: PIL with ImageFile.LOAD_TRUNCATED_IMAGES = False decodes
-# the cut-then-EOI-appended JPEG without complaint (its libjpeg message handler is
-# silent, and no data is missing from its point of view); parsing the segment
-# structure cannot tell a short entropy-coded segment from a complete one
-# without Huffman-decoding it; a second decoder would double the decoding cost.
-#
-# fd 2 is process-wide: output of other threads during a decode lands in the
-# same file. Nothing is lost (everything captured is written to the real stderr
-# afterwards, so libjpeg's text still shows as before), and lines in rcutils'
-# console format (the node's own log records) are not taken for decoder
-# messages. Decodes are serialised by a lock so two cannot mix their messages.
-_DECODE_LOCK = threading.Lock()
-_LOG_RECORD = re.compile(r"^\[(DEBUG|INFO|WARN|ERROR|FATAL)\] \[\d")
-_MAX_MESSAGE_CHARS = 300
-_capture: dict[str, int] = {"pid": -1, "fd": -1}
-
-
-def _capture_file() -> int:
-    """This process's in-memory file for fd 2 during decodes (a forked child makes its own)."""
-    if _capture["pid"] != os.getpid():
-        try:
-            fd = os.memfd_create("image_convert_stderr", os.MFD_CLOEXEC)
-        except (AttributeError, OSError):  # not Linux: an unlinked temporary file
-            with tempfile.TemporaryFile() as tmp:
-                fd = os.dup(tmp.fileno())
-        _capture.update(pid=os.getpid(), fd=fd)
-    return _capture["fd"]
-
-
-try:
-    _LIBC: Any = ctypes.CDLL(None)  # the C library, for fflush
-except OSError:  # pragma: no cover - CPython on Linux and macOS can always load it
-    _LIBC = None
-
-
-def _flush_c_stdio() -> None:
-    # libjpeg/libpng write through the C library's stderr, unbuffered by default; flushing
-    # makes the capture independent of that default.
-    try:
-        _LIBC.fflush(None)
-    except (AttributeError, OSError):
-        pass
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    try:
-        while data:
-            data = data[os.write(fd, data) :]
-    except OSError:
-        pass  # stderr closed or a broken pipe: nowhere to show it
-
-
-def _decode_checked(buffer: np.ndarray) -> tuple[np.ndarray | None, str]:
-    """``cv2.imdecode`` (IMREAD_UNCHANGED) and what the decoder printed while decoding.
-
-    Returns ``(array or None, messages)``; ``messages`` is empty for a clean decode.
-    """
-    with _DECODE_LOCK:
-        capture = _capture_file()
-        os.ftruncate(capture, 0)
-        os.lseek(capture, 0, os.SEEK_SET)
-        try:
-            sys.stderr.flush()  # Python's buffered text so far goes to the real stderr first
-        except (AttributeError, OSError, ValueError):
-            pass
-        _flush_c_stdio()
-        try:
-            saved = os.dup(2)
-        except OSError:
-            saved = None  # fd 2 closed: capture anyway, close it again afterwards
-        error = ""
-        os.dup2(capture, 2)
-        try:
-            try:
-                decoded = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-            except cv2.error as exc:
-                decoded, error = None, " ".join(str(exc).split())
-            _flush_c_stdio()
-        finally:
-            if saved is None:
-                os.close(2)
-            else:
-                os.dup2(saved, 2)
-                os.close(saved)
-        printed = os.lseek(capture, 0, os.SEEK_CUR)
-        os.lseek(capture, 0, os.SEEK_SET)
-        captured = os.read(capture, printed) if printed else b""
-    if captured:
-        _write_all(2, captured)
-    lines = [line.strip() for line in captured.decode("utf-8", "replace").splitlines()]
-    messages = [line for line in lines if line and not _LOG_RECORD.match(line)]
-    if error:
-        messages.append(error)
-    text = "; ".join(messages)
-    return decoded, text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 3] + "..."
