@@ -35,6 +35,17 @@ requires_fashion_mnist = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread, and restore the previous count afterwards."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # Markers say what a test needs, so the pure tests can run alone in seconds:
 #   scripts/test.sh -m "not ros and not build and not train and not slow"
 # A test file's tier is stated here, in one table, rather than in every file;

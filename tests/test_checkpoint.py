@@ -26,12 +26,8 @@ CLASSES = [f"class_{i}" for i in range(10)]
 GRAY_28 = {"input_size": [28, 28], "channels": "gray", "mean": [0.286], "std": [0.353]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# One torch thread: the networks here are tiny, and a second thread only adds contention.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

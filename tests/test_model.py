@@ -47,12 +47,8 @@ EXPECTED_STAGES = {
 HAS_EFFICIENTNET = "efficientnet_lite0" in list_backbones()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# One torch thread: the networks here are tiny, and a second thread only adds contention.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_config(backbone: str, head: str = "avg4x4", **kwargs) -> NetConfig:

@@ -27,12 +27,8 @@ CLASSES = [f"c{i}" for i in range(4)]
 GRAY = {"input_size": [16, 16], "channels": "gray", "mean": [0.0], "std": [1.0]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# One torch thread: the networks here are tiny, and a second thread only adds contention.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n: int, seed: int) -> TensorDataset:
