@@ -114,8 +114,10 @@ def decode_with_warnings(buffer: np.ndarray) -> tuple[np.ndarray | None, str]:
         printed = os.lseek(capture, 0, os.SEEK_CUR)
         os.lseek(capture, 0, os.SEEK_SET)
         captured = os.read(capture, printed) if printed else b""
-    if captured:
-        _write_all(2, captured)
+        # Shown on the real stderr while the lock is still held: written after it, the text could
+        # land in another thread's capture (fd 2 redirected again) and count as that decode's warning.
+        if captured:
+            _write_all(2, captured)
     lines = [line.strip() for line in captured.decode("utf-8", "replace").splitlines()]
     messages = [line for line in lines if line and not _LOG_RECORD.match(line)]
     if error:
