@@ -528,6 +528,7 @@ def test_embedded_model_cascade_stops_early_on_confident_images(nodes, tmp_path:
     try:
         probe = NodeProbe("/dtest", "/dtest/image", probe_name="embedded_probe")
         probe.wait_ready(proc=proc)
+        probe.wait_round_trip(gray_image((28, 28), 0))  # this test counts no frames
         finals = []
         for image in _fashion_mnist_test_images(20):
             msgs = probe.classify(image)

@@ -75,6 +75,7 @@ def test_classification_per_exit_matches_stage_prediction(checkpoint: Path, tmp_
     try:
         probe = NodeProbe(NS, f"{NS}/image", num_stages=K, probe_name="vision_probe")
         probe.wait_ready(proc=node)
+        probe.wait_round_trip(gray_image(SIZE, 99))  # before the listener starts, so it never sees this frame
         assert probe.latest_diagnostics().get("vision_msgs") == "publishing"
         # Started after the node has published its class map: transient local must still deliver it.
         listener = subprocess.Popen([sys.executable, str(LISTENER), "--node", FQN, "--stages", str(K),

@@ -188,6 +188,24 @@ class NodeProbe:
                     and self.budget_pub.get_subscription_count() > 0)
         wait_for(ready, timeout, f"{self.fqn} to become active", interval=0.1)
 
+    def wait_round_trip(self, array: np.ndarray, timeout: float = 60.0, every: float = 1.0) -> None:
+        """Until one image sent now gets its final answer: both directions of the path are matched.
+
+        ``wait_ready`` sees the node's publishers and that our image publisher matched the node's
+        subscription; whether the node's result writers have matched our subscriptions yet is not
+        visible from here, and a reliable volatile writer drops what it sends before that. Only for
+        tests that do not count frames: each try is one more frame for the node's statistics.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            frame_id = self.send_image(array, frame_id=self.next_frame_id("warmup"))
+            try:
+                self.wait_final(frame_id, timeout=min(every, max(0.0, deadline - time.monotonic())))
+                return
+            except AssertionError:
+                continue
+        raise AssertionError(f"no answer from {self.fqn} within {timeout:.1f} s")
+
     # ------------------------------------------------------------------ inputs
     def next_frame_id(self, tag: str = "f") -> str:
         """A frame id never used before in this probe."""
