@@ -121,8 +121,12 @@ class RunReport:
     # callback took so much longer than its recent maximum that the next stage no longer fitted
     # after that exit had been handed over as not final.
     final_repeated: bool = False
-    probed_stage: int | None = None   # 0-based stage measured after the run (see StagedEngine.probe_interval_s)
     probed_stages: tuple[int, ...] = ()   # every 0-based stage measured after the run, first..deepest
+
+    @property
+    def probed_stage(self) -> int | None:
+        """The first (refused) stage measured after the run, or None (see StagedEngine.probe_interval_s)."""
+        return self.probed_stages[0] if self.probed_stages else None
 
     @property
     def final(self) -> StageResult | None:

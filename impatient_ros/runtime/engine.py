@@ -739,7 +739,7 @@ class StagedEngine:
         probed = tuple(probed)
         end = self.clock()
         self._probe_free_at = end + (end - now) * (1.0 - self.probe_duty) / self.probe_duty
-        report.probed_stage, report.probed_stages = first, probed
+        report.probed_stages = probed
 
     def _callback_estimate(self) -> float:
         return max(self._callback_s) if self._callback_s else 0.0
