@@ -60,7 +60,9 @@ those exits already, so it costs one (k, C) combination per exit; the cascade's
 1-vs-2 ratio is the combined answer's. A-priori then runs heads 0..k too and
 admits exit k by its anytime completion (blocks 0..k + heads 0..k).
 
-The engine is not thread-safe: one run at a time.
+The engine is not thread-safe: one thread drives it. That thread may keep several
+images in flight (:class:`StagedRun`, one stage per step, e.g. in the order
+:mod:`impatient_ros.core.scheduler` picks); ``run`` is one such run stepped to its end.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ __all__ = [
     "RunReport",
     "StageResult",
     "StagedEngine",
+    "StagedRun",
     "StopReason",
     "resolve_device",
 ]
@@ -308,6 +311,7 @@ class StagedEngine:
         self.device_label = self._describe_device()
         self.overhead_s = _DEFAULT_CUDA_OVERHEAD_S if self.device.type == "cuda" else 0.0
         self._callback_s: deque[float] = deque(maxlen=32)
+        self._active_run: StagedRun | None = None  # the run whose image the executor holds
 
         if timing is None:
             timing = TimingModel(self.num_stages, device=self.device_label, input_size=self.input_size)
@@ -458,82 +462,97 @@ class StagedEngine:
         x = x.to(self.device, self.preprocessor.dtype)
         return self._run(x, began, deadline, mode, max_stage, cascade_threshold, on_result)
 
-    def _run(self, x: torch.Tensor, began: float, deadline: float | None, mode: Mode | str,
-             max_stage: int | None, cascade_threshold: float,
-             on_result: Callable[[StageResult], Any] | None) -> RunReport:
+    def start_run(
+        self,
+        image: np.ndarray,
+        channel_order: str,
+        *,
+        deadline: float | None = None,
+        mode: Mode | str = Mode.ANYTIME,
+        max_stage: int | None = None,
+        cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
+        on_result: Callable[[StageResult], Any] | None = None,
+    ) -> StagedRun:
+        """Preprocess one image and return its run without running a stage (see :class:`StagedRun`).
+
+        The arguments are :meth:`run`'s; the preprocessing time counts against the deadline.
+        Several runs may be in flight at once, stepped in any order from one thread
+        (:mod:`impatient_ros.core.scheduler` picks the order).
+        """
+        began = self.clock()
+        with self._device_scope(), torch.inference_mode():
+            x = self.preprocessor(image, channel_order)
+        return self._new_run(x, began, deadline, mode, max_stage, cascade_threshold, on_result)
+
+    def start_run_tensor(
+        self,
+        x: torch.Tensor,
+        *,
+        deadline: float | None = None,
+        mode: Mode | str = Mode.ANYTIME,
+        max_stage: int | None = None,
+        cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
+        on_result: Callable[[StageResult], Any] | None = None,
+    ) -> StagedRun:
+        """:meth:`start_run` on an already preprocessed ``(1, C, H, W)`` tensor (benchmarks, tests)."""
+        began = self.clock()
+        expected = self.preprocessor.output_shape
+        if tuple(x.shape) != expected:
+            raise EngineError(f"input must have shape {expected}, got {tuple(x.shape)}")
+        x = x.to(self.device, self.preprocessor.dtype)
+        return self._new_run(x, began, deadline, mode, max_stage, cascade_threshold, on_result)
+
+    def _new_run(self, x: torch.Tensor, began: float, deadline: float | None, mode: Mode | str,
+                 max_stage: int | None, cascade_threshold: float,
+                 on_result: Callable[[StageResult], Any] | None) -> StagedRun:
         mode = Mode.parse(mode)
         cap = self._stage_cap(max_stage)
         if deadline is not None and not self.timing.is_calibrated:
             raise TimingError("a deadline needs stage timings: call StagedEngine.calibrate() or "
                               "load_calibration(path) before running with a deadline")
+        if deadline is not None and math.isnan(deadline):
+            raise EngineError("deadline must be a clock value or None, got NaN")
         if mode is Mode.CASCADE and not cascade_threshold >= 1.0:
             raise EngineError(f"cascade_threshold must be >= 1 (ratio of top-1 to top-2), got {cascade_threshold}")
         report = RunReport(mode=mode, results=[], stop_reason=StopReason.NONE, stages_run=0, predicted_s=[],
                            actual_s=[], started_at=[], began_at=began, deadline=deadline, overran=False,
                            overrun_s=0.0)
+        threshold = cascade_threshold if mode is Mode.CASCADE else math.inf
+        return StagedRun(self, x, report, cap, threshold, on_result)
+
+    def _run(self, x: torch.Tensor, began: float, deadline: float | None, mode: Mode | str,
+             max_stage: int | None, cascade_threshold: float,
+             on_result: Callable[[StageResult], Any] | None) -> RunReport:
+        run = self._new_run(x, began, deadline, mode, max_stage, cascade_threshold, on_result)
+        report = run.report
         pause_gc = not self.gc_during_run and gc.isenabled()
         if pause_gc:  # a collection inside a stage is a pause the admission does not expect (class note)
             gc.disable()
         try:
             with self._device_scope(), _inference_mode():
-                try:
-                    self._start(x)
-                    if mode is Mode.APRIORI:
-                        self._run_apriori(report, cap, on_result)
-                    elif self._executor.is_async and mode is Mode.ANYTIME:
-                        self._run_queued(report, cap, on_result)
-                    else:
-                        threshold = cascade_threshold if mode is Mode.CASCADE else math.inf
-                        self._run_stepwise(report, cap, threshold, on_result)
-                except Exception:
-                    self._final_after_error(report, on_result)
-                    raise
-                self._probe_refused_stages(report)
+                if self._executor.is_async and report.mode is Mode.ANYTIME:
+                    self._run_queued_to_end(run)
+                else:  # the same steps a scheduler takes one at a time (StagedRun), back to back
+                    while run._step():
+                        pass
         finally:
             if pause_gc:
                 gc.enable()
-        if deadline is not None and report.results:
-            report.overrun_s = max(0.0, report.results[-1].ready_time - deadline)
-            report.overran = report.overrun_s > 0.0
         return report
 
-    def _run_stepwise(self, report: RunReport, cap: int, threshold: float,
-                      on_result: Callable[[StageResult], Any] | None) -> None:
-        """Anytime/cascade, one stage after the other (CPU, and CUDA cascade: it needs each answer first)."""
-        clock, deadline = self.clock, report.deadline
-        predicted = self._predict(0)
-        if not self._fits(clock(), predicted, deadline):
-            report.stop_reason = StopReason.NO_TIME
-            return
-        launch, wait, last, k = self._executor.launch, self._executor.wait, self.num_stages - 1, 0
-        while True:
-            started = clock()
-            out = wait(launch(k))
-            self._record(out)
-            # The cascade needs the ratio now: build the result first (the stop reason is set below).
-            result = self._result(out, report.began_at, StopReason.NONE) if threshold < math.inf else None
-            next_predicted = math.nan
-            if k == last:
-                stop = StopReason.COMPLETE
-            elif result is not None and result.ratio_1v2 >= threshold:
-                stop = StopReason.CONFIDENT
-            elif k + 1 >= cap:
-                stop = StopReason.MAX_STAGE
-            else:
-                # The callback runs before the next stage: reserve its recent maximum duration.
-                next_predicted = self._predict(k + 1)
-                fits = self._fits(clock() + self._callback_estimate(), next_predicted, deadline)
-                stop = StopReason.NONE if fits else StopReason.DEADLINE
-            self._emit(report, out, result, stop, predicted, started, k, on_result)
-            if stop is not StopReason.NONE:
-                return
-            # Re-check after the callback: a stage starts only if it still fits now. If it does not,
-            # exit k already went out as not final: hand it over again as the final answer.
-            if not self._fits(clock(), next_predicted, deadline):
-                self._hand_over(self._repeat_final(report, StopReason.DEADLINE), on_result)
-                return
-            k += 1
-            predicted = next_predicted
+    def _run_queued_to_end(self, run: StagedRun) -> None:
+        """Anytime on CUDA, stage k+1 queued before exit k is waited for (only whole runs; no stepping)."""
+        report, on_result = run.report, run._on_result
+        self._start(run._x)
+        try:
+            self._run_queued(report, run._cap, on_result)
+        except Exception:
+            self._final_after_error(report, on_result)
+            raise
+        finally:
+            run.done, run._x = True, None
+        self._probe_refused_stages(report)
+        _close_report(report)
 
     def _run_queued(self, report: RunReport, cap: int, on_result: Callable[[StageResult], Any] | None) -> None:
         """Anytime on CUDA: queue stage k+1 before waiting for exit k, so the device never idles.
@@ -679,8 +698,34 @@ class StagedEngine:
         cost = self._predict(k)
         return cost if self._fits(start, cost, deadline) else None
 
+    def _park(self) -> None:
+        """Keep the executor's in-flight run's state in that run before another image uses the executor."""
+        run = self._active_run
+        if run is not None:
+            if not run.done:
+                run._saved = (self._executor.suspend(), self._own_log_probs)
+            self._active_run = None
+
+    def _activate(self, run: StagedRun) -> None:
+        """Make ``run`` the executor's current image: start it, or resume it where it stopped."""
+        if self._active_run is run:
+            return
+        self._park()
+        if run._x is not None:  # its first stage
+            self._start(run._x)
+            run._x = None
+        else:
+            state, self._own_log_probs = run._saved
+            run._saved = None
+            self._executor.resume(state, run._k)
+            # Other images ran since this one's last block: its blocks are no longer measured back to
+            # back, so they add no path sample (the path quantile describes uninterrupted runs).
+            self._path_next = -1
+        self._active_run = run
+
     def _start(self, x: torch.Tensor) -> None:
         """Begin a run on input ``x``: the executor's state and the path sum of this run."""
+        self._park()
         self._executor.start(x)
         self._path_next, self._path_s = 0, 0.0
         if self.ensemble_weights is not None:
@@ -845,6 +890,156 @@ class StagedEngine:
         return (f"StagedEngine(device={self.device_label!r}, num_stages={self.num_stages}, "
                 f"input_size={self.input_size}, admission_quantile={self.admission_quantile}, "
                 f"calibrated={self.is_calibrated})")
+
+
+# --------------------------------------------------------------------------- a run, step by step
+
+
+class StagedRun:
+    """One image's run, one stage per :meth:`step`: what :meth:`StagedEngine.run` does, resumable.
+
+    Made by :meth:`StagedEngine.start_run`. Every step applies the engine's own
+    rules (there is one code path: ``run`` takes these steps back to back):
+    admission at the engine's quantile before the stage, the online timing
+    update, the exit ensemble, the stop reasons and the one final answer
+    (handed over through ``on_result``). Several runs of one engine may be in
+    flight, stepped from one thread in any order: between its steps a run keeps
+    its activation (on the CPU a reference, no copy; with CUDA graphs a device
+    copy, as the static buffers belong to the next image) and its exits' answers
+    for the ensemble. A run that waited for others is admitted on the clock at
+    its next step: if its next stage no longer fits, that step ends it with its
+    last exit handed over again as the final answer (stop reason DEADLINE), or
+    with NO_TIME when no stage ran. The engine's starvation probe runs when a run
+    ends, as after ``run``. On CUDA, stepped runs wait for each exit before the
+    next stage is queued (``run`` in anytime mode queues ahead instead).
+
+    Modes: anytime and cascade step stage by stage; a-priori is one step (the
+    deepest exit that fits, chosen when the step starts).
+    """
+
+    def __init__(self, engine: StagedEngine, x: torch.Tensor, report: RunReport, cap: int, threshold: float,
+                 on_result: Callable[[StageResult], Any] | None) -> None:
+        self._engine = engine
+        self._x: torch.Tensor | None = x    # the input until the first step starts the executor on it
+        self._saved: tuple[Any, list[np.ndarray | None]] | None = None  # while another run holds the executor
+        self.report = report
+        self._cap = cap
+        self._threshold = threshold
+        self._on_result = on_result
+        self._k = 0                          # the next 0-based stage
+        if report.mode is not Mode.APRIORI:
+            self._predicted = engine._predict(0)
+        else:  # the shallowest exit it could choose; a-priori without timings runs without a deadline
+            self._predicted = engine._apriori_cost(0) if engine.timing.is_calibrated else math.nan
+        self.done = False
+
+    @property
+    def deadline(self) -> float | None:
+        """Engine-clock deadline of this image (None: unlimited)."""
+        return self.report.deadline
+
+    @property
+    def next_stage(self) -> int | None:
+        """The 0-based stage the next step runs (a-priori: its shallowest choice), None once done."""
+        return None if self.done else self._k
+
+    @property
+    def next_cost(self) -> float:
+        """Predicted seconds of the next stage at the admission quantile (NaN without timings)."""
+        return self._predicted
+
+    def fits(self, now: float) -> bool:
+        """Whether the next stage, started at ``now``, is predicted to end by the deadline (the admission rule)."""
+        return not self.done and self._engine._fits(now, self._predicted, self.report.deadline)
+
+    def step(self) -> bool:
+        """Run the next stage (or end the run when it no longer fits); True while more steps may follow."""
+        engine = self._engine
+        pause_gc = not engine.gc_during_run and gc.isenabled()
+        if pause_gc:
+            gc.disable()
+        try:
+            with engine._device_scope(), _inference_mode():
+                return self._step()
+        finally:
+            if pause_gc:
+                gc.enable()
+
+    def expire(self) -> None:
+        """End the run now, its last exit as the final answer (or NO_TIME when none ran): no time is left."""
+        if self.done:
+            return
+        engine = self._engine
+        with engine._device_scope(), _inference_mode():
+            engine._activate(self)  # the probe after the run needs this image's activation
+            self._stop_before_next()
+            self._end()
+
+    def _stop_before_next(self) -> None:
+        report = self.report
+        if not report.results:
+            report.stop_reason = StopReason.NO_TIME
+        else:  # exit k-1 went out as not final: hand it over again as the final answer
+            self._engine._hand_over(self._engine._repeat_final(report, StopReason.DEADLINE), self._on_result)
+
+    def _end(self) -> None:
+        self.done = True
+        self._engine._probe_refused_stages(self.report)
+        _close_report(self.report)
+
+    def _step(self) -> bool:
+        if self.done:
+            raise EngineError("this run has ended; start another one")
+        engine, report, on_result = self._engine, self.report, self._on_result
+        clock, deadline = engine.clock, report.deadline
+        try:
+            engine._activate(self)
+            if report.mode is Mode.APRIORI:
+                engine._run_apriori(report, self._cap, on_result)
+                self._end()
+                return False
+            k, predicted = self._k, self._predicted
+            # Admission now: right after the previous stage when stepped back to back (run()), or
+            # after other images' stages when a scheduler interleaves them.
+            if not engine._fits(clock(), predicted, deadline):
+                self._stop_before_next()
+                self._end()
+                return False
+            started = clock()
+            out = engine._executor.wait(engine._executor.launch(k))
+            engine._record(out)
+            # The cascade needs the ratio now: build the result first (the stop reason is set below).
+            result = (engine._result(out, report.began_at, StopReason.NONE)
+                      if self._threshold < math.inf else None)
+            next_predicted = math.nan
+            if k == engine.num_stages - 1:
+                stop = StopReason.COMPLETE
+            elif result is not None and result.ratio_1v2 >= self._threshold:
+                stop = StopReason.CONFIDENT
+            elif k + 1 >= self._cap:
+                stop = StopReason.MAX_STAGE
+            else:
+                # The callback runs before the next stage: reserve its recent maximum duration.
+                next_predicted = engine._predict(k + 1)
+                fits = engine._fits(clock() + engine._callback_estimate(), next_predicted, deadline)
+                stop = StopReason.NONE if fits else StopReason.DEADLINE
+            engine._emit(report, out, result, stop, predicted, started, k, on_result)
+            if stop is not StopReason.NONE:
+                self._end()
+                return False
+            self._k, self._predicted = k + 1, next_predicted
+            return True
+        except Exception:
+            self.done, self._x, self._saved = True, None, None
+            engine._final_after_error(report, on_result)
+            raise
+
+
+def _close_report(report: RunReport) -> None:
+    """Fill in the overrun of the final answer (after the run's last step)."""
+    if report.deadline is not None and report.results:
+        report.overrun_s = max(0.0, report.results[-1].ready_time - report.deadline)
+        report.overran = report.overrun_s > 0.0
 
 
 _NO_SCOPE = contextlib.nullcontext()

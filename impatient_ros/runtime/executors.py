@@ -74,6 +74,14 @@ class CpuExecutor:
     def start(self, x: torch.Tensor) -> None:
         self._h = x
 
+    def suspend(self) -> torch.Tensor | None:
+        """The current image's activation, to resume it after other images ran (no copy: a reference)."""
+        return self._h
+
+    def resume(self, state: torch.Tensor | None, next_stage: int) -> None:
+        """Continue an image from :meth:`suspend`'s state; its next block is ``next_stage``."""
+        self._h = state
+
     def launch(self, k: int) -> StageOutput:
         clock = self._clock
         t0 = clock()
@@ -182,6 +190,25 @@ class CudaExecutor:
             self._h = self._static_in
         else:
             self._h = x
+
+    def suspend(self) -> torch.Tensor | None:
+        """The current image's activation, to resume it after other images ran.
+
+        With graphs it lives in a static buffer that the next image's replays overwrite, so this is a
+        device copy (one activation per suspended image); eager tensors are kept by reference.
+        """
+        if self.graphs and self._h is not None:
+            return self._h.clone()
+        return self._h
+
+    def resume(self, state: torch.Tensor | None, next_stage: int) -> None:
+        """Continue an image from :meth:`suspend`'s state: block ``next_stage``'s graph reads its input buffer."""
+        if self.graphs and state is not None:
+            buffer = self._static_in if next_stage == 0 else self._static_act[next_stage - 1]
+            buffer.copy_(state, non_blocking=True)
+            self._h = buffer
+        else:
+            self._h = state
 
     def _block(self, k: int) -> None:
         if self.graphs:

@@ -1,0 +1,141 @@
+"""StagedRun (resumable runs) and StageScheduler over the real smallcnn engine on a fake clock.
+
+Several images in flight on one engine, stepped in the scheduler's order: each
+keeps its activation between stages (answers equal the image run alone), EDF
+order of real stages, admission at the engine's quantile, and a frame that runs
+out of time ends with its last exit repeated as final, as ``run`` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from impatient_ros.core.scheduler import StageScheduler
+from impatient_ros.runtime.checkpoint import load_checkpoint, save_checkpoint
+from impatient_ros.runtime.engine import EngineError, StagedEngine, StopReason
+from impatient_ros.runtime.model import NetConfig, build_network
+from impatient_ros.runtime.timing import TimingModel
+from tests.fake_clock import FakeClock, set_stage_costs
+
+MS = 1e-3
+BLOCK_MS, HEAD_MS = [2.0, 2.0, 2.0, 2.0], [0.5, 0.5, 0.5, 0.5]   # 2.5 ms per stage
+PREPROCESSING = {"input_size": [28, 28], "channels": "gray", "mean": [0.286], "std": [0.353]}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_network(NetConfig(backbone="smallcnn", num_classes=10, in_channels=1, input_size=(28, 28)))
+    net.train()
+    with torch.no_grad():  # non-trivial batch-norm statistics: exits differ
+        net(torch.randn(8, 1, 28, 28))
+    path = tmp_path_factory.mktemp("ckpt") / "smallcnn.pt"
+    return save_checkpoint(path, net, class_names=[f"c{i}" for i in range(10)], preprocessing=PREPROCESSING)
+
+
+def _engine(checkpoint_path) -> tuple[StagedEngine, FakeClock]:
+    clock = FakeClock()
+    timing = TimingModel(4)
+    for _ in range(50):
+        for k in range(4):
+            timing.record(k, BLOCK_MS[k] * MS, HEAD_MS[k] * MS)
+    # No probes: they would add stages to the order under test (they are tested in test_engine.py).
+    engine = StagedEngine(load_checkpoint(checkpoint_path), "cpu", timing=timing, clock=clock.now,
+                          probe_interval_s=0.0)
+    set_stage_costs(engine.net, clock, [b * MS for b in BLOCK_MS], [h * MS for h in HEAD_MS])
+    return engine, clock
+
+
+def _images(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, 256, size=(28, 28), dtype=np.uint8) for _ in range(n)]
+
+
+def test_interleaved_runs_answer_as_each_image_alone(checkpoint_path):
+    engine, clock = _engine(checkpoint_path)
+    a_img, b_img = _images(2)
+    alone = [engine.run(img, "gray").results for img in (a_img, b_img)]
+    seen: list[tuple[str, int]] = []
+    a = engine.start_run(a_img, "gray", on_result=lambda r: seen.append(("a", r.stage)))
+    b = engine.start_run(b_img, "gray", on_result=lambda r: seen.append(("b", r.stage)))
+    for run in (a, b, a, b, b, a, a, b):   # arbitrary interleaving, 4 stages each
+        run.step()
+    assert a.done and b.done
+    assert seen == [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 3), ("a", 4), ("b", 4)]
+    for run, expected in ((a, alone[0]), (b, alone[1])):
+        assert [r.stage for r in run.report.results] == [1, 2, 3, 4]
+        assert run.report.stop_reason is StopReason.COMPLETE
+        for got, want in zip(run.report.results, expected):
+            np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
+
+
+def test_run_is_the_stepper_back_to_back(checkpoint_path):
+    engine, clock = _engine(checkpoint_path)
+    (img,) = _images(1)
+    t0 = clock.now()
+    report = engine.run(img, "gray", deadline=t0 + 6 * MS)   # 2 stages of 2.5 ms fit, not 3
+    engine2, clock2 = _engine(checkpoint_path)
+    run = engine2.start_run(img, "gray", deadline=clock2.now() + 6 * MS)
+    steps = 0
+    while run.step():
+        steps += 1
+    assert [r.stage for r in run.report.results] == [r.stage for r in report.results] == [1, 2]
+    assert run.report.stop_reason is report.stop_reason is StopReason.DEADLINE
+    assert [s - report.began_at for s in report.started_at] == \
+           [s - run.report.began_at for s in run.report.started_at]
+    assert steps == 1 and run.next_stage is None
+    with pytest.raises(EngineError, match="this run has ended"):
+        run._step()
+
+
+def test_edf_over_real_stages_and_a_frame_ending_with_its_last_exit(checkpoint_path):
+    engine, clock = _engine(checkpoint_path)
+    imgs = _images(2)
+    order: list[tuple[str, int, bool, bool]] = []
+
+    def log(name):
+        return lambda r: order.append((name, r.stage, r.is_final, r.repeated))
+
+    t0 = clock.now()
+    sched = StageScheduler(["front", "rear"], clock.now)
+    # rear: 6 ms (two 2.5 ms stages); front: 16 ms (six stage slots, but rear goes first).
+    rear = engine.start_run(imgs[1], "gray", deadline=t0 + 6 * MS, on_result=log("rear"))
+    front = engine.start_run(imgs[0], "gray", deadline=t0 + 16 * MS, on_result=log("front"))
+    sched.add("front", front)
+    sched.add("rear", rear)
+    sched.drain()
+    # EDF: rear's two stages first (the second is final: stage 3 cannot end by 6 ms); front then has
+    # 5..16 ms: stages 1-4 (ending 7.5, 10, 12.5, 15 ms), complete.
+    assert order == [("rear", 1, False, False), ("rear", 2, True, False),
+                     ("front", 1, False, False), ("front", 2, False, False), ("front", 3, False, False),
+                     ("front", 4, True, False)]
+    assert not rear.report.overran and not front.report.overran
+    # Every stage started with its predicted 2.5 ms fitting before its frame's deadline (admission).
+    for run in (rear, front):
+        for start, predicted in zip(run.report.started_at, run.report.predicted_s):
+            assert start + predicted <= run.deadline + 1e-12
+
+
+def test_a_frame_passed_over_by_edf_ends_with_a_repeated_final_answer(checkpoint_path):
+    engine, clock = _engine(checkpoint_path)
+    imgs = _images(2)
+    seen: dict[str, list] = {"a": [], "b": []}
+    t0 = clock.now()
+    sched = StageScheduler(["a", "b"], clock.now)
+    # a: 8 ms. a runs stage 1 alone, then b arrives with the earlier deadline (7.7 ms on the clock).
+    a = engine.start_run(imgs[0], "gray", deadline=t0 + 8 * MS, on_result=seen["a"].append)
+    sched.add("a", a)
+    sched.step()                                   # a: stage 1, 0..2.5 ms; stage 2 still fits (5 <= 8)
+    b = engine.start_run(imgs[1], "gray", deadline=clock.now() + 5.2 * MS, on_result=seen["b"].append)
+    sched.add("b", b)
+    sched.drain()
+    # EDF: b's stages 1 and 2 (2.5..7.5 ms; stage 3 would end at 10 > 7.7: exit 2 is final).
+    assert [(r.stage, r.is_final) for r in seen["b"]] == [(1, False), (2, True)]
+    # After b's two stages (2.5..7.5 ms) a's stage 2 (2.5 ms) no longer fits by 8 ms: a ends with
+    # exit 1, handed over again as the final answer (a repeat, stop reason DEADLINE).
+    assert [(r.stage, r.is_final, r.repeated, r.stop_reason) for r in seen["a"]] == [
+        (1, False, False, StopReason.NONE), (1, True, True, StopReason.DEADLINE)]
+    assert a.report.final_repeated and sched.stats["a"].expired == 1
+    assert sum(r.is_final for r in seen["a"]) == sum(r.is_final for r in seen["b"]) == 1
