@@ -35,11 +35,20 @@ requires_fashion_mnist = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """Run the test with one torch thread, and restore the previous count afterwards."""
-    import torch
+    """Run every test with one torch thread (the node's default), and restore the count afterwards.
 
+    Two threads on two cores that the test's own node processes, or anything else,
+    also want do not run twice as fast: they wait for each other at every
+    operator, and a fake-clock simulation of a few thousand stages then took
+    minutes instead of seconds. A test that needs more threads sets them itself.
+    Tests that never loaded torch pay nothing.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -58,6 +67,7 @@ MARKERS_BY_MODULE = {
     "test_vision_msgs": "ros",          # also builds the vision_msgs test fixture once (cached)
     "test_launch": "ros",               # real launch/launch_ros runs, where they can be imported
     "test_node_limits": "ros",
+    "test_node_multicam": "ros",        # a two-camera node process
     "test_build": "build",              # pip and colcon builds into fresh prefixes
     "test_training": "train",           # trains networks
     "test_distributed": "train",

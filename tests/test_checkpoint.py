@@ -26,10 +26,6 @@ CLASSES = [f"class_{i}" for i in range(10)]
 GRAY_28 = {"input_size": [28, 28], "channels": "gray", "mean": [0.286], "std": [0.353]}
 
 
-# One torch thread: the networks here are tiny, and a second thread only adds contention.
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 @pytest.fixture
 def net():
     torch.manual_seed(0)

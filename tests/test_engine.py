@@ -1,4 +1,4 @@
-"""StagedEngine on the CPU with the real smallcnn network: modes, admission rule, calibration, devices.
+"""StagedEngine on the CPU with a real smallcnn network: modes, admission rule, calibration, devices.
 
 The deadline tests run the real network through the real engine on a fake
 clock (tests/fake_clock.py): forward hooks make every block and head take a
@@ -34,18 +34,23 @@ from impatient_ros.runtime.timing import TimingError, TimingModel
 from tests.fake_clock import FakeClock, set_stage_costs
 
 CLASSES = [f"class{i}" for i in range(10)]
-PREPROCESSING = {"input_size": [28, 28], "channels": "gray", "mean": [0.286], "std": [0.353]}
+# The smallest smallcnn at 16x16 (four stages at 16/8/4/2 pixels): the fake-clock
+# simulations run thousands of real stages, and their cost does not depend on the
+# network's size, only the wall time of the suite does.
+SIDE = 16
+PREPROCESSING = {"input_size": [SIDE, SIDE], "channels": "gray", "mean": [0.286], "std": [0.353]}
 MS = 1e-3
+
 
 
 @pytest.fixture(scope="module")
 def checkpoint_path(tmp_path_factory):
     torch.manual_seed(0)
-    net = build_network(NetConfig(backbone="smallcnn", num_classes=10, in_channels=1, input_size=(28, 28)))
+    net = build_network(NetConfig(backbone="smallcnn_tiny", num_classes=10, in_channels=1, input_size=(SIDE, SIDE)))
     # Non-trivial batch-norm statistics, so eval-mode outputs differ between exits.
     net.train()
     with torch.no_grad():
-        net(torch.randn(8, 1, 28, 28))
+        net(torch.randn(8, 1, SIDE, SIDE))
     path = tmp_path_factory.mktemp("ckpt") / "smallcnn.pt"
     return save_checkpoint(path, net, class_names=CLASSES, preprocessing=PREPROCESSING,
                            exit_accuracy=[0.7, 0.8, 0.85, 0.9])
@@ -58,7 +63,7 @@ def checkpoint(checkpoint_path):
 
 @pytest.fixture
 def image():
-    return np.random.default_rng(0).integers(0, 255, size=(28, 28), endpoint=True).astype(np.uint8)
+    return np.random.default_rng(0).integers(0, 255, size=(SIDE, SIDE), endpoint=True).astype(np.uint8)
 
 
 def _known_costs(num_stages: int, block_ms, head_ms, n: int = 50) -> TimingModel:
@@ -541,7 +546,7 @@ def test_auto_device_and_bad_arguments(checkpoint, checkpoint_path):
     with pytest.raises(EngineError, match="top_k"):
         StagedEngine(fresh(), "cpu", top_k=0)
     with pytest.raises(EngineError, match="shape"):
-        engine.run_tensor(torch.zeros(1, 3, 28, 28))
+        engine.run_tensor(torch.zeros(1, 3, SIDE, SIDE))
 
 
 def test_run_tensor_and_top_k(checkpoint, image):
@@ -767,7 +772,7 @@ def _spike_scenario(checkpoint, spike_factor: float, spike_s: float, seed: int =
     return engine, frames, spike_end
 
 
-image_for_spike = np.random.default_rng(1).integers(0, 255, size=(28, 28), endpoint=True).astype(np.uint8)
+image_for_spike = np.random.default_rng(1).integers(0, 255, size=(SIDE, SIDE), endpoint=True).astype(np.uint8)
 
 
 @pytest.mark.parametrize("spike_factor, spike_s, preempted", [(20.0, 7.0, 0.0), (100.0, 6.0, 0.0), (2.0, 6.0, 0.05)])
@@ -899,7 +904,7 @@ def test_ensemble_changes_the_published_answer(checkpoint_path, mode):
     # An image on which exits 1 and 2 disagree: the ensemble then changes exit 2's published class.
     rng = np.random.default_rng(1)
     for _ in range(50):
-        img = rng.integers(0, 255, size=(28, 28), endpoint=True).astype(np.uint8)
+        img = rng.integers(0, 255, size=(SIDE, SIDE), endpoint=True).astype(np.uint8)
         own = plain.run(img, "gray", mode=mode, cascade_threshold=math.inf).results
         if own[0].class_id != own[1].class_id:
             break

@@ -707,6 +707,7 @@ print(json.dumps({"reason": reason, "bomb": after_bomb - base, "decoded": image.
 """
 
 
+@pytest.mark.slow  # peak RSS of a fresh process that imports torch and decodes a 72 MB frame
 def test_one_compressed_frame_costs_bounded_memory_end_to_end(png_bomb, tmp_path):
     """Peak RSS in a fresh process: the bomb adds nothing; a 3000x3000 rgba16 PNG (72 MB decoded,
     under the limit) decoded and preprocessed adds about OpenCV's two copies of the array plus the

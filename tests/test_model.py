@@ -47,10 +47,6 @@ EXPECTED_STAGES = {
 HAS_EFFICIENTNET = "efficientnet_lite0" in list_backbones()
 
 
-# One torch thread: the networks here are tiny, and a second thread only adds contention.
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def small_config(backbone: str, head: str = "avg4x4", **kwargs) -> NetConfig:
     """Tiny inputs keep the whole matrix fast: 28x28 gray for smallcnn, 64x64 RGB otherwise."""
     if backbone.startswith("smallcnn"):

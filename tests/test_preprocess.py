@@ -425,6 +425,7 @@ print(json.dumps({"frame": image.nbytes, "new": grown_new, "old": peak() - base}
 """
 
 
+@pytest.mark.slow  # peak RSS of a fresh process that imports torch and decodes a 72 MB frame
 def test_opencv_path_adds_no_full_size_float_copy():
     """Peak RSS of one 3000x3000 bgra16 frame: the OpenCV path adds at most a uint16 plane (1/4 frame).
 

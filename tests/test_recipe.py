@@ -27,10 +27,6 @@ CLASSES = [f"c{i}" for i in range(4)]
 GRAY = {"input_size": [16, 16], "channels": "gray", "mean": [0.0], "std": [1.0]}
 
 
-# One torch thread: the networks here are tiny, and a second thread only adds contention.
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def _data(n: int, seed: int) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 4
