@@ -202,6 +202,7 @@ def test_a_job_that_raises_leaves_the_scheduler():
     with pytest.raises(RuntimeError, match="stage failed"):
         sched.step()
     assert not sched.busy("a") and sched.stats["a"].finished == 1
+    assert sched.failed == "a" and sched.last_finished == {}
 
 
 @pytest.mark.parametrize("kwargs, message", [

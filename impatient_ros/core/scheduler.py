@@ -110,6 +110,10 @@ class StageScheduler:
     _slots: dict[Hashable, _Slot] = field(init=False, default_factory=dict)
     _seq: int = field(init=False, default=0)
     _last_served: int = field(init=False, default=-1)  # round robin: index of the source served last
+    # The last step's: the source whose job raised (None if none did), every image that ended in it.
+    # A step that raises returns nothing, so its caller reads them to account for those images.
+    failed: Hashable | None = field(init=False, default=None)
+    last_finished: dict[Hashable, StageJob] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sources = tuple(self.sources)
@@ -180,14 +184,20 @@ class StageScheduler:
         leaves the scheduler and the error propagates.
         """
         now = self.clock()
+        self.failed, self.last_finished = None, {}
         expire, chosen = self.choose(now)
         finished: list[tuple[Hashable, StageJob]] = []
         for source in expire:
             slot = self._slots.pop(source)
-            slot.job.expire()
             self.stats[source].expired += 1
             self.stats[source].finished += 1
+            try:
+                slot.job.expire()
+            except Exception:
+                self.failed = source
+                raise
             finished.append((source, slot.job))
+            self.last_finished[source] = slot.job
         if chosen is None:
             return StepOutcome(None, tuple(finished), tuple(expire))
         slot = self._slots[chosen]
@@ -201,12 +211,14 @@ class StageScheduler:
         except Exception:
             del self._slots[chosen]
             stats.finished += 1
+            self.failed = chosen
             raise
         slot.waiting_since = self.clock()
         if not more or slot.job.done:
             del self._slots[chosen]
             stats.finished += 1
             finished.append((chosen, slot.job))
+            self.last_finished[chosen] = slot.job
         return StepOutcome(chosen, tuple(finished), tuple(expire))
 
     def _timed_waiting(self, chosen: Hashable) -> bool:

@@ -27,6 +27,21 @@ Topics (relative names, so ``-r __ns:=`` and remaps apply)::
                                  when ``labels`` changes)
     out  /diagnostics            diagnostic_msgs/DiagnosticArray (every diagnostics_period_s)
 
+Several cameras (``cameras`` parameter, e.g. ``[front, rear]``; unset or empty:
+the single camera above). Camera ``<name>`` has ``<name>/image`` (or
+``<name>/image/compressed``) and ``<name>/budget`` in (its Budget applies to it
+alone; without a fresh one the node's ``budget``, energy table and default
+apply), ``~/<name>/stage_k``, ``~/<name>/prediction`` (and
+``~/<name>/classification[/stage_k]``) out, and one /diagnostics status of its
+own. One model, one engine, one inference thread: each camera has a
+newest-frame mailbox; before every stage the mailboxes of cameras without a
+frame in flight hand over their frames (each starts a resumable run,
+``StagedEngine.start_run``) and :class:`impatient_ros.core.scheduler.StageScheduler`
+gives the stage to the frame with the earliest deadline whose next stage still
+fits (``scheduler: edf``; its module states the rule for frames without a
+deadline) or to the cameras in turn (``round_robin``). A frame whose next stage
+no longer fits ends with its last exit as final, as in the single-camera node.
+
 Threads: the executor thread runs subscription, parameter, lifecycle and timer
 callbacks; a dedicated inference thread takes the newest image from a
 single-slot mailbox and runs the engine, publishing each exit's message from
@@ -71,7 +86,7 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +102,9 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import BatteryState, CompressedImage, Image
 
 from impatient_ros.msg import Budget, StagePrediction
+from impatient_ros.core.scheduler import StageScheduler
 from impatient_ros.ros.budget_policy import BudgetPolicy, BudgetPolicyConfig, combine_stage_caps, reference_time
+from impatient_ros.ros.cameras import camera_budget, camera_input, camera_output
 from impatient_ros.ros.diagnostics import ERROR, NodeStats, StatsSnapshot, build_report
 from impatient_ros.ros.executors import make_executor, spin
 from impatient_ros.ros.image_convert import ImageConversionError, compressed_to_array, image_to_array
@@ -120,6 +137,36 @@ class _Frame:
     msg: Any            # sensor_msgs/Image or CompressedImage
     arrival: float      # time.monotonic() at the callback
     ros_now_s: float    # the node's ROS clock at the same moment (maps stamps onto monotonic time)
+
+
+@dataclass(eq=False)
+class _Camera:
+    """One camera's inputs, outputs and statistics (the unnamed one is the single-camera node's own)."""
+
+    name: str                    # "" = the single camera of a node without ``cameras``
+    mailbox: LatestFrameMailbox
+    stats: NodeStats
+    policy: BudgetPolicy | None  # its own <name>/budget topic (None: only the node's policy)
+    stage_pubs: list[Any] = field(default_factory=list)
+    prediction_pub: Any = None
+    classification_stage_pubs: list[Any] = field(default_factory=list)
+    classification_pub: Any = None
+    last_snapshot: StatsSnapshot | None = None
+    job: _Job | None = None      # the frame in flight (multi-camera scheduler)
+
+
+@dataclass(eq=False)
+class _Job:
+    """One frame between decoding and its last answer: what publishing and the statistics need."""
+
+    camera: _Camera
+    image: Any                   # the decoded image (image_convert result)
+    ref: Any                     # budget_policy.ReferenceTime
+    budget: Any                  # budget_policy.EffectiveBudget
+    deadline: float | None
+    cap: int
+    publish: Any                 # on_result callback
+    published_at: list[float]
 
 
 @dataclass(frozen=True)
@@ -160,6 +207,12 @@ class ImpatientNode(LifecycleNode):
         self._policy = BudgetPolicy(self._policy_config())
         self._settings = self._read_settings()
         self._mailbox = LatestFrameMailbox()
+        # The single camera's mailbox, statistics and publishers are the node's own (as before cameras).
+        self._single = _Camera("", self._mailbox, self._stats, None)
+        self._cameras = [_Camera(name, LatestFrameMailbox(), NodeStats(), BudgetPolicy(self._policy_config()))
+                         for name in (self._param_or("cameras") or [])]
+        self._wake = threading.Event()  # set by every camera's image callback: the scheduler has work
+        self._scheduler: StageScheduler | None = None
         self._log_throttle = LogThrottle(_THROTTLE_S)
         self._engine: StagedEngine | None = None
         self._labels: list[str] = []
@@ -191,6 +244,9 @@ class ImpatientNode(LifecycleNode):
     def _param(self, name: str) -> Any:
         return self.get_parameter(name).value
 
+    def _param_or(self, name: str) -> Any:
+        return self.get_parameter_or(name).value  # None while unset
+
     def _parameter_values(self) -> dict[str, Any]:
         values = {}
         for spec in PARAMETERS:
@@ -214,6 +270,8 @@ class ImpatientNode(LifecycleNode):
     def _after_set_parameters(self, params: list[Parameter]) -> None:
         names = {p.name for p in params}
         self._policy.configure(self._policy_config())
+        for camera in self._cameras:
+            camera.policy.configure(self._policy_config())
         self._settings = self._read_settings()
         if "labels" in names and self._engine is not None:
             self._labels = self._resolve_labels(self._engine)
@@ -296,9 +354,12 @@ class ImpatientNode(LifecycleNode):
         self._labels = self._resolve_labels(engine)
         self._update_predictions(engine)
         results_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-        self._stage_pubs = [self.create_publisher(StagePrediction, f"~/stage_{k}", results_qos)
-                            for k in range(1, engine.num_stages + 1)]
-        self._prediction_pub = self.create_publisher(StagePrediction, "~/prediction", results_qos)
+        for camera in self._cameras or [self._single]:
+            camera.stage_pubs = [self.create_publisher(StagePrediction, camera_output(camera.name, f"stage_{k}"),
+                                                       results_qos) for k in range(1, engine.num_stages + 1)]
+            camera.prediction_pub = self.create_publisher(StagePrediction, camera_output(camera.name, "prediction"),
+                                                          results_qos)
+        self._stage_pubs, self._prediction_pub = self._single.stage_pubs, self._single.prediction_pub
         if vision is not None:
             self._create_vision_publishers(vision, engine.num_stages, results_qos)
         self.get_logger().info(
@@ -310,10 +371,14 @@ class ImpatientNode(LifecycleNode):
 
     def _create_vision_publishers(self, vision: Any, num_stages: int, results_qos: QoSProfile) -> None:
         self._vision = vision
-        self._classification_stage_pubs = [
-            self.create_publisher(vision.Classification, f"~/classification/stage_{k}", results_qos)
-            for k in range(1, num_stages + 1)]
-        self._classification_pub = self.create_publisher(vision.Classification, "~/classification", results_qos)
+        for camera in self._cameras or [self._single]:
+            camera.classification_stage_pubs = [
+                self.create_publisher(vision.Classification, camera_output(camera.name, f"classification/stage_{k}"),
+                                      results_qos) for k in range(1, num_stages + 1)]
+            camera.classification_pub = self.create_publisher(
+                vision.Classification, camera_output(camera.name, "classification"), results_qos)
+        self._classification_stage_pubs = self._single.classification_stage_pubs
+        self._classification_pub = self._single.classification_pub
         # Transient local: a subscriber that joins later still gets the class map (like a latched topic).
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -386,24 +451,38 @@ class ImpatientNode(LifecycleNode):
         reliability = (ReliabilityPolicy.RELIABLE if self._param("image_reliability") == "reliable"
                        else ReliabilityPolicy.BEST_EFFORT)
         image_qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=reliability)
-        if transport == "compressed":
-            image_sub = self.create_subscription(CompressedImage, compressed_topic(self.resolve_topic_name),
-                                                 self._on_image, image_qos)
-        else:
-            image_sub = self.create_subscription(Image, "image", self._on_image, image_qos)
-        budget_sub = self.create_subscription(
-            Budget, "budget", self._on_budget, QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+        budget_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        camera_subs = []
+        for camera in self._cameras or [self._single]:
+            image_topic = camera_input(camera.name, "image")
+            on_image = (lambda msg, camera=camera: self._on_image(msg, camera)) if camera.name else self._on_image
+            if transport == "compressed":
+                camera_subs.append(self.create_subscription(
+                    CompressedImage, compressed_topic(self.resolve_topic_name, image_topic), on_image, image_qos))
+            else:
+                camera_subs.append(self.create_subscription(Image, image_topic, on_image, image_qos))
+            if camera.name:
+                camera_subs.append(self.create_subscription(
+                    Budget, camera_input(camera.name, "budget"),
+                    lambda msg, camera=camera: self._on_budget(msg, camera), budget_qos))
+        image_sub = camera_subs[0]
+        budget_sub = self.create_subscription(Budget, "budget", self._on_budget, budget_qos)
         # Best effort matches reliable and best-effort battery publishers alike; only the newest reading matters.
         battery_sub = self.create_subscription(
             BatteryState, "battery_state", self._on_battery,
             QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT))
-        self._subscriptions = [image_sub, budget_sub, battery_sub]
+        self._subscriptions = [*camera_subs, budget_sub, battery_sub]
         self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._worker_loop, args=(self._stop,), name="impatient_inference",
-                                        daemon=True)
+        loop = self._multi_worker_loop if self._cameras else self._worker_loop
+        self._worker = threading.Thread(target=loop, args=(self._stop,), name="impatient_inference", daemon=True)
         self._worker.start()
-        self.get_logger().info(f"active: images on {image_sub.topic_name} ({transport}), "
-                               f"results on {self._prediction_pub.topic_name}")
+        if self._cameras:
+            self.get_logger().info(
+                f"active: {len(self._cameras)} cameras ({transport}), scheduler {self._param('scheduler')}: "
+                + "; ".join(f"{c.name}: {c.prediction_pub.topic_name}" for c in self._cameras))
+        else:
+            self.get_logger().info(f"active: images on {image_sub.topic_name} ({transport}), "
+                                   f"results on {self._prediction_pub.topic_name}")
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Stop the inference thread and drop the subscriptions."""
@@ -414,6 +493,7 @@ class ImpatientNode(LifecycleNode):
     def _deactivate(self) -> None:
         self._stop.set()
         self._mailbox.wake()
+        self._wake.set()
         if self._worker is not None:
             self._worker.join(timeout=30.0)
             if self._worker.is_alive():
@@ -422,15 +502,19 @@ class ImpatientNode(LifecycleNode):
         for sub in self._subscriptions:
             self.destroy_subscription(sub)
         self._subscriptions = []
-        discarded = self._mailbox.clear()
-        if discarded:
-            self._stats.frame_dropped(discarded)
+        for camera in [self._single, *self._cameras]:
+            discarded = camera.mailbox.clear()
+            if discarded:
+                camera.stats.frame_dropped(discarded)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Release the engine (and its GPU memory) and the publishers; zero the statistics."""
         self._release()
         self._stats.reset()
         self._last_snapshot = None
+        for camera in self._cameras:
+            camera.stats.reset()
+            camera.last_snapshot = None
         self._state = "unconfigured"
         return TransitionCallbackReturn.SUCCESS
 
@@ -446,10 +530,15 @@ class ImpatientNode(LifecycleNode):
         self._release()
 
     def _release(self) -> None:
-        for pub in [*self._stage_pubs, self._prediction_pub, *self._classification_stage_pubs,
-                    self._classification_pub, self._label_info_pub]:
-            if pub is not None:
-                self.destroy_publisher(pub)
+        for camera in [self._single, *self._cameras]:
+            for pub in [*camera.stage_pubs, camera.prediction_pub, *camera.classification_stage_pubs,
+                        camera.classification_pub]:
+                if pub is not None:
+                    self.destroy_publisher(pub)
+            camera.stage_pubs, camera.prediction_pub = [], None
+            camera.classification_stage_pubs, camera.classification_pub = [], None
+        if self._label_info_pub is not None:
+            self.destroy_publisher(self._label_info_pub)
         self._stage_pubs, self._prediction_pub = [], None
         self._vision, self._classification_stage_pubs = None, []
         self._classification_pub = self._label_info_pub = None
@@ -462,27 +551,31 @@ class ImpatientNode(LifecycleNode):
                 torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ callbacks (executor thread)
-    def _on_image(self, msg: Any) -> None:
+    def _on_image(self, msg: Any, camera: _Camera | None = None) -> None:
         arrival = time.monotonic()
         ros_now_s = self.get_clock().now().nanoseconds * 1e-9
-        self._stats.frame_received()
+        camera = camera or self._single
+        camera.stats.frame_received()
         # Here, not in the inference thread: a lying header never displaces a good frame in the mailbox.
         problem = header_problem(msg.header)
         if problem:
-            self._stats.frame_rejected(problem)
+            camera.stats.frame_rejected(problem)
             if self._log_throttle.ready("header_rejected"):
                 self.get_logger().warning(
                     f"image rejected ({problem}): header.frame_id has {len(msg.header.frame_id)} characters, "
                     f"at most {MAX_FRAME_ID_BYTES} bytes are copied into the outputs")
             return
-        if self._mailbox.put(_Frame(msg, arrival, ros_now_s)):
-            self._stats.frame_dropped()
+        if camera.mailbox.put(_Frame(msg, arrival, ros_now_s)):
+            camera.stats.frame_dropped()
+        self._wake.set()
 
-    def _on_budget(self, msg: Any) -> None:
-        reason = self._policy.on_budget(_duration_s(msg.budget), msg.max_stage, msg.source, time.monotonic())
+    def _on_budget(self, msg: Any, camera: _Camera | None = None) -> None:
+        policy = self._policy if camera is None else camera.policy
+        reason = policy.on_budget(_duration_s(msg.budget), msg.max_stage, msg.source, time.monotonic())
         if reason and self._log_throttle.ready("budget_rejected"):
+            where = "" if camera is None else f" on camera {camera.name}'s topic"
             self.get_logger().warning(
-                f"Budget rejected ({reason}): {msg.budget.sec} s + {msg.budget.nanosec} ns from "
+                f"Budget rejected ({reason}){where}: {msg.budget.sec} s + {msg.budget.nanosec} ns from "
                 f"'{msg.source}'; budgets must lie in 0..max_budget_ms={self._param('max_budget_ms')} ms")
 
     def _on_battery(self, msg: Any) -> None:
@@ -493,8 +586,6 @@ class ImpatientNode(LifecycleNode):
 
     def _publish_diagnostics(self) -> None:
         now = time.monotonic()
-        budget = self._policy.effective(now)
-        snap = self._stats.snapshot()
         engine = self._engine
         extra = [("state", self._state), ("mode", self._settings.mode),
                  ("reference_time", self._settings.reference_time)]
@@ -508,25 +599,47 @@ class ImpatientNode(LifecycleNode):
         extra.append(("battery_soc", "n/a" if soc is None else f"{soc:.3f}"))
         if self._error:
             extra.append(("error", self._error))
-        report = build_report(
-            snap, self._last_snapshot, active=self._state == "active", budget_ms=budget.budget_ms,
-            budget_source=budget.source, budget_detail=budget.detail,
-            input_rejections=self._policy.rejections(), extra=extra,
-            num_stages=engine.num_stages if engine is not None else 0)
-        self._last_snapshot = snap
-        status = DiagnosticStatus(
-            level=(ERROR if self._error else report.level).to_bytes(1, "little"),
-            name=f"{self.get_fully_qualified_name()}: staged inference",
-            message=self._error or report.message,
-            hardware_id=engine.device_label if engine is not None else "",
-            values=[KeyValue(key=k, value=v) for k, v in report.values],
-        )
-        array = DiagnosticArray(status=[status])
+        statuses = []
+        if not self._cameras:
+            snap = self._stats.snapshot()
+            statuses.append(self._diagnostic_status(
+                "staged inference", snap, self._last_snapshot, self._policy.effective(now),
+                self._policy.rejections(), extra))
+            self._last_snapshot = snap
+        scheduler = self._scheduler
+        for camera in self._cameras:  # one status per camera: its own counters, budget and hit rate
+            snap = camera.stats.snapshot()
+            shared, own = self._policy.rejections(), camera.policy.rejections()
+            sched = scheduler.stats.get(camera.name) if scheduler is not None else None
+            camera_extra = [("camera", camera.name), ("scheduler", self._param("scheduler")),
+                            ("scheduler_expired", str(sched.expired if sched else 0)),
+                            ("scheduler_aged_stages", str(sched.aged if sched else 0)), *extra]
+            statuses.append(self._diagnostic_status(
+                f"staged inference {camera.name}", snap, camera.last_snapshot,
+                camera_budget(camera.policy.effective(now), self._policy.effective(now)),
+                {reason: shared[reason] + own[reason] for reason in shared}, camera_extra))
+            camera.last_snapshot = snap
+        array = DiagnosticArray(status=statuses)
         array.header.stamp = self.get_clock().now().to_msg()
         try:
             self._diag_pub.publish(array)
         except Exception as exc:  # noqa: BLE001 - shutdown races must not kill the executor
             self.get_logger().debug(f"diagnostics not published: {exc}")
+
+    def _diagnostic_status(self, title: str, snap: StatsSnapshot, previous: StatsSnapshot | None, budget: Any,
+                           rejections: dict[str, int], extra: list[tuple[str, str]]) -> DiagnosticStatus:
+        engine = self._engine
+        report = build_report(
+            snap, previous, active=self._state == "active", budget_ms=budget.budget_ms,
+            budget_source=budget.source, budget_detail=budget.detail, input_rejections=rejections, extra=extra,
+            num_stages=engine.num_stages if engine is not None else 0)
+        return DiagnosticStatus(
+            level=(ERROR if self._error else report.level).to_bytes(1, "little"),
+            name=f"{self.get_fully_qualified_name()}: {title}",
+            message=self._error or report.message,
+            hardware_id=engine.device_label if engine is not None else "",
+            values=[KeyValue(key=k, value=v) for k, v in report.values],
+        )
 
     # ------------------------------------------------------------------ inference thread
     def _worker_loop(self, stop: threading.Event) -> None:
@@ -547,32 +660,53 @@ class ImpatientNode(LifecycleNode):
         return image_to_array(msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step, msg.data)
 
     def _process(self, frame: _Frame) -> None:
-        from impatient_ros.runtime.engine import StopReason
         from impatient_ros.runtime.preprocess import PreprocessError
 
         engine, settings = self._engine, self._settings
-        if engine is None:
+        job = self._prepare(frame, self._single)
+        if job is None or engine is None:
             return
+        try:
+            report = engine.run(job.image.array, job.image.channel_order, deadline=job.deadline,
+                                mode=settings.mode, max_stage=job.cap or None,
+                                cascade_threshold=settings.cascade_threshold, on_result=job.publish)
+        except PreprocessError as exc:
+            self._preprocess_failed(job.camera, exc)
+            return
+        # Any other error (e.g. out of GPU memory in a later stage) propagates to the worker loop, which
+        # counts and logs it; if an answer had gone out, the engine already handed publish() its final
+        # STOP_ERROR repeat.
+        self._finish(job, report)
+
+    def _prepare(self, frame: _Frame, camera: _Camera) -> _Job | None:
+        """Decode a frame and fix its deadline and publishing; None when it is rejected (counted)."""
+        engine, settings = self._engine, self._settings
+        if engine is None:
+            return None
+        stats = camera.stats
         msg = frame.msg
         try:
             image = self._decode(msg)
         except ImageConversionError as exc:
-            self._stats.frame_rejected(exc.reason)
+            stats.frame_rejected(exc.reason)
             if self._log_throttle.ready("image_rejected"):
-                self.get_logger().warning(f"image rejected: {exc}")
-            return
+                self.get_logger().warning(f"image rejected{_on(camera)}: {exc}")
+            return None
         stamp_s = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         ref = reference_time(settings.reference_time, stamp_s, frame.ros_now_s, frame.arrival,
                              max_age_s=settings.max_stamp_age_s)
         if ref.fallback:
-            self._stats.reference_fallback(ref.fallback)
+            stats.reference_fallback(ref.fallback)
             if ref.fallback != "stamp_unset" and self._log_throttle.ready("reference_fallback"):
                 self.get_logger().warning(
-                    f"image stamp not trusted ({ref.fallback}): {abs(ref.age_s):.3f} s "
+                    f"image stamp not trusted ({ref.fallback}){_on(camera)}: {abs(ref.age_s):.3f} s "
                     f"{'before' if ref.age_s > 0 else 'after'} its arrival (max_stamp_age_s "
                     f"{settings.max_stamp_age_s:g} s); its deadline counts from the arrival. Are the camera's and "
                     "this node's clocks synchronised (use_sim_time)?")
-        budget = self._policy.effective(time.monotonic())
+        now = time.monotonic()
+        budget = self._policy.effective(now)
+        if camera.policy is not None:
+            budget = camera_budget(camera.policy.effective(now), budget)
         deadline = budget.deadline(ref.monotonic)
         cap = combine_stage_caps(settings.max_stage, budget.max_stage)
         self._seq += 1
@@ -591,49 +725,131 @@ class ImpatientNode(LifecycleNode):
                 accuracy=stage_accuracy(accuracy, result.stage), latency_s=latency, budget_s=budget.budget_s)
             try:
                 if not result.repeated:
-                    self._stage_pubs[result.stage - 1].publish(out)
-                self._prediction_pub.publish(out)
+                    camera.stage_pubs[result.stage - 1].publish(out)
+                camera.prediction_pub.publish(out)
             except Exception as exc:  # noqa: BLE001 - e.g. a saturated reliable writer; keep inferring
-                self._stats.frame_rejected("publish_failed")
+                stats.frame_rejected("publish_failed")
                 if self._log_throttle.ready("publish_failed"):
-                    self.get_logger().warning(f"could not publish stage {result.stage}: {exc}")
+                    self.get_logger().warning(f"could not publish stage {result.stage}{_on(camera)}: {exc}")
                 return
             published_at.append(time.monotonic())
-            self._stats.stage_published(result.stage, latency)
+            stats.stage_published(result.stage, latency)
             # After ours, so the StagePrediction is not delayed. A repeat is left out: a Classification
             # has no is_final, so it would read as a second answer.
             if vision is not None and not result.repeated:
                 try:
                     classification = build_classification(
                         vision.Classification, result, header=msg.header, hypothesis_class=vision.ObjectHypothesis)
-                    self._classification_stage_pubs[result.stage - 1].publish(classification)
-                    self._classification_pub.publish(classification)
+                    camera.classification_stage_pubs[result.stage - 1].publish(classification)
+                    camera.classification_pub.publish(classification)
                 except Exception as exc:  # noqa: BLE001 - the standard copy must not stop our own output
-                    self._stats.frame_rejected("vision_publish_failed")
+                    stats.frame_rejected("vision_publish_failed")
                     if self._log_throttle.ready("vision_publish_failed"):
                         self.get_logger().warning(f"could not publish vision_msgs for stage {result.stage}: {exc}")
 
-        try:
-            report = engine.run(image.array, image.channel_order, deadline=deadline, mode=settings.mode,
-                                max_stage=cap or None, cascade_threshold=settings.cascade_threshold,
-                                on_result=publish)
-        except PreprocessError as exc:
-            self._stats.frame_rejected("preprocess_failed")
-            if self._log_throttle.ready("preprocess_failed"):
-                self.get_logger().warning(f"image rejected by preprocessing: {exc}")
-            return
-        # Any other error (e.g. out of GPU memory in a later stage) propagates to the worker loop, which
-        # counts and logs it; if an answer had gone out, the engine already handed publish() its final
-        # STOP_ERROR repeat.
+        return _Job(camera, image, ref, budget, deadline, cap, publish, published_at)
+
+    def _preprocess_failed(self, camera: _Camera, exc: Exception) -> None:
+        camera.stats.frame_rejected("preprocess_failed")
+        if self._log_throttle.ready("preprocess_failed"):
+            self.get_logger().warning(f"image rejected by preprocessing{_on(camera)}: {exc}")
+
+    def _finish(self, job: _Job, report: Any) -> None:
+        """Count a frame whose last answer went out (or that got none: NO_TIME)."""
+        from impatient_ros.runtime.engine import StopReason
+
+        engine = self._engine
         if report.stop_reason is StopReason.NO_TIME and self._log_throttle.ready("no_time"):
-            age_ms = 1e3 * (report.began_at - ref.monotonic)
+            age_ms = 1e3 * (report.began_at - job.ref.monotonic)
             first_ms = self._predicted_ms[0] if self._predicted_ms else math.nan
             self.get_logger().warning(
-                f"no time for stage 1: budget {budget.budget_ms:.3f} ms ({budget.source}), image {age_ms:.1f} ms "
-                f"old at start, stage 1 needs {first_ms:.2f} ms; nothing published")
-        self._stats.frame_processed(int(report.stop_reason), deadline, published_at[-1] if published_at else None,
-                                    report.final_repeated)
-        self._update_predictions(engine)
+                f"no time for stage 1{_on(job.camera)}: budget {job.budget.budget_ms:.3f} ms ({job.budget.source}), "
+                f"image {age_ms:.1f} ms old at start, stage 1 needs {first_ms:.2f} ms; nothing published")
+        published = job.published_at
+        job.camera.stats.frame_processed(int(report.stop_reason), job.deadline, published[-1] if published else None,
+                                         report.final_repeated)
+        if engine is not None:
+            self._update_predictions(engine)
+
+    # ------------------------------------------------------------------ inference thread, several cameras
+    def _multi_worker_loop(self, stop: threading.Event) -> None:
+        """One inference thread for every camera: frames in flight side by side, stages in the scheduler's order.
+
+        Before every stage, each camera without a frame in flight hands over its newest waiting frame
+        (its mailbox), then the scheduler (impatient_ros.core.scheduler) picks whose stage runs.
+        """
+        cameras = {camera.name: camera for camera in self._cameras}
+        scheduler = StageScheduler(list(cameras), time.monotonic, policy=self._param("scheduler"),
+                                   max_wait_s=self._param("scheduler_max_wait_ms") / 1e3)
+        self._scheduler = scheduler
+        while not stop.is_set():
+            self._wake.clear()  # before looking: a frame put after this sets it again, so none is missed
+            for camera in cameras.values():
+                if not scheduler.busy(camera.name):
+                    frame = camera.mailbox.take(timeout=0.0)
+                    if frame is not None:
+                        self._start_job(scheduler, camera, frame)
+            if scheduler.idle:
+                self._wake.wait(0.2)
+                continue
+            try:
+                outcome = scheduler.step()
+            except Exception as exc:  # one bad frame must not end the node's inference
+                failed = cameras[scheduler.failed] if scheduler.failed is not None else None
+                for name, camera in cameras.items():  # frames that left without an outcome: expired, or failed
+                    if camera.job is not None and name in scheduler.last_finished:
+                        self._finish(camera.job, scheduler.last_finished[name].report)
+                        camera.job = None
+                if failed is not None:
+                    failed.job = None
+                    failed.stats.frame_rejected("engine_error")
+                if self._log_throttle.ready("engine_error"):
+                    self.get_logger().error(f"inference failed{_on(failed)}: {type(exc).__name__}: {exc}")
+                continue
+            for name, run in outcome.finished:
+                camera = cameras[name]
+                job, camera.job = camera.job, None
+                if job is not None:
+                    self._finish(job, run.report)
+        # Stopping (deactivate): frames still in flight end here with their last exit as final.
+        for name, run in scheduler.in_flight().items():
+            camera = cameras[name]
+            try:
+                run.expire()
+            except Exception:  # noqa: BLE001 - stopping anyway
+                camera.job = None
+                continue
+            if camera.job is not None:
+                self._finish(camera.job, run.report)
+                camera.job = None
+        self._scheduler = None
+
+    def _start_job(self, scheduler: StageScheduler, camera: _Camera, frame: _Frame) -> None:
+        from impatient_ros.runtime.preprocess import PreprocessError
+
+        engine, settings = self._engine, self._settings
+        job = self._prepare(frame, camera)
+        if job is None or engine is None:
+            return
+        try:
+            run = engine.start_run(job.image.array, job.image.channel_order, deadline=job.deadline,
+                                   mode=settings.mode, max_stage=job.cap or None,
+                                   cascade_threshold=settings.cascade_threshold, on_result=job.publish)
+        except PreprocessError as exc:
+            self._preprocess_failed(camera, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - counted like an engine error of the single-camera loop
+            camera.stats.frame_rejected("engine_error")
+            if self._log_throttle.ready("engine_error"):
+                self.get_logger().error(f"inference failed{_on(camera)}: {type(exc).__name__}: {exc}")
+            return
+        camera.job = job
+        scheduler.add(camera.name, run)
+
+
+def _on(camera: _Camera | None) -> str:
+    """' on camera <name>' for log lines of a named camera, '' for the single camera."""
+    return f" on camera {camera.name}" if camera is not None and camera.name else ""
 
 
 # --------------------------------------------------------------------------- entry point

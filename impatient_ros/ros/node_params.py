@@ -16,7 +16,9 @@ from typing import Any
 
 from rclpy.parameter import Parameter
 
+from impatient_ros.core.scheduler import POLICIES
 from impatient_ros.ros.budget_policy import DEFAULT_MAX_STAMP_AGE_S, REFERENCE_TIMES, validate_energy_table
+from impatient_ros.ros.cameras import camera_names_problem
 from impatient_ros.ros.choices import RELIABILITIES, TRANSPORTS
 from impatient_ros.ros.executors import EXECUTORS
 from impatient_ros.ros.params import ParamSpec, check_values
@@ -100,6 +102,19 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "and ~/classification for every exit in order) and vision_msgs/LabelInfo (~/label_info, transient "
               "local). auto: when vision_msgs can be imported; required: it must be (configure fails "
               "otherwise); disabled: never.", read_only=True, choices=VISION_MSGS_CHOICES),
+    ParamSpec("cameras", None, "Names of the cameras this node serves with one model and one inference "
+              "thread. Unset or empty: one camera on image, budget, ~/stage_k, ~/prediction (as always). "
+              "Names: camera <name> reads <name>/image (or <name>/image/compressed) and <name>/budget (else the "
+              "node's budget topic, energy table and default apply) and publishes ~/<name>/stage_k, "
+              "~/<name>/prediction (and ~/<name>/classification[/stage_k]); one diagnostics status per camera. "
+              "Each name is a ROS name token, each once.", read_only=True, unset_type=Parameter.Type.STRING_ARRAY),
+    ParamSpec("scheduler", "edf", "With cameras: which in-flight frame gets the next stage. edf: the earliest "
+              "deadline whose next stage still fits (frames without a deadline use idle slots, and get a stage "
+              "at least every scheduler_max_wait_ms); round_robin: the cameras in turn. Both end a frame whose "
+              "next stage no longer fits with its last exit as final.", read_only=True, choices=POLICIES),
+    ParamSpec("scheduler_max_wait_ms", 100.0, "With cameras and scheduler edf: a frame without a deadline that "
+              "waited this long since its last stage gets the next one (no starvation).", read_only=True,
+              float_range=(1.0, 60000.0)),
     ParamSpec("diagnostics_period_s", 1.0, "Period of the /diagnostics status.", float_range=(0.05, 60.0)),
     ParamSpec("autostart", True, "Configure and activate at start-up (no lifecycle manager needed). "
               "false: wait in 'unconfigured' for lifecycle transitions.", read_only=True),
@@ -138,6 +153,9 @@ def check_parameters(values: Mapping[str, Any], *, num_stages: int | None = None
     max_stage = values.get("max_stage")
     if num_stages is not None and max_stage is not None and max_stage > num_stages:
         return f"max_stage {max_stage} exceeds the network's {num_stages} stages (0 = no cap)"
+    reason = camera_names_problem(values.get("cameras"))
+    if reason:
+        return reason
     labels = values.get("labels")
     if num_classes is not None and labels and len(labels) != num_classes:
         return f"labels has {len(labels)} entries but the network has {num_classes} classes; give one per class"
