@@ -3,6 +3,10 @@
     ros2 launch impatient_ros impatient.launch.py camera_topic:=/camera/image_raw budget:=30.0
     ros2 launch impatient_ros impatient.launch.py namespace:=robot1 mode:=cascade device:=cuda
     ros2 launch impatient_ros impatient.launch.py params_file:=/path/to/robot.yaml
+    ros2 launch impatient_ros impatient.launch.py cameras:="[front, rear]" \
+        camera_topics:="[/front/image_raw, /rear/image_raw]" budget:=20.0
+    ros2 launch impatient_ros impatient.launch.py \
+        params_file:=$(ros2 pkg prefix impatient_ros)/share/impatient_ros/config/multicam.yaml
 
 Needs ``launch`` and ``launch_ros`` (a ROS 2 install; a pip install works once
 AMENT_PREFIX_PATH names its venv, see the README). Every setting here is also
@@ -17,10 +21,18 @@ only when given: their defaults are '' ("not given"), so a value in the
 user's params file is never replaced by a launch default. (Consequence: an
 argument cannot set a parameter *to* ''; put that in the params file.)
 
+``cameras`` (a YAML list of names) makes one node serve several cameras with
+one model: camera ``<name>`` reads ``<name>/image`` and ``<name>/budget`` and
+publishes ``~/<name>/prediction`` and ``~/<name>/stage_k`` (README, "Several
+cameras"). ``camera_topics`` (a list as long as ``cameras``) remaps each
+camera's ``<name>/image`` to a driver's topic; ``camera_topic`` applies to the
+single-camera node only. config/multicam.yaml is the same as a params file.
+
 If the node fails to start (a missing checkpoint, a bad parameter) or dies,
 the launch stops with an error naming it and exits non-zero.
 """
 
+import yaml
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler
 from launch.event_handlers import OnProcessExit
@@ -54,7 +66,40 @@ def _overrides(context) -> dict:
     for argument, (parameter, value_type) in PARAMETER_ARGUMENTS.items():
         if context.launch_configurations.get(argument, NOT_GIVEN) != NOT_GIVEN:
             given[parameter] = ParameterValue(LaunchConfiguration(argument), value_type=value_type)
+    cameras = _name_list(context, "cameras")
+    if cameras:
+        given["cameras"] = cameras
     return given
+
+
+def _name_list(context, argument: str) -> list[str]:
+    """A launch argument holding a YAML list of names ("[front, rear]"); [] when not given.
+
+    Parsed here rather than typed by launch_ros: a name YAML reads as a number or a boolean
+    (``[1, on]``) must stop the launch with its name, not reach the node as another type.
+    """
+    text = context.launch_configurations.get(argument, NOT_GIVEN).strip()
+    if text == NOT_GIVEN:
+        return []
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RuntimeError(f"{argument}:={text!r} is not a YAML list ({exc})") from exc
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise RuntimeError(f"{argument}:={text!r} must be a list of names, e.g. \"[front, rear]\"")
+    return value
+
+
+def _remappings(context) -> list[tuple[str, str]]:
+    """camera_topic for the single camera; with cameras, camera_topics one by one (<name>/image:=topic)."""
+    cameras, topics = _name_list(context, "cameras"), _name_list(context, "camera_topics")
+    if not cameras:
+        if topics:
+            raise RuntimeError("camera_topics needs cameras (one topic per camera name)")
+        return [("image", LaunchConfiguration("camera_topic"))]
+    if topics and len(topics) != len(cameras):
+        raise RuntimeError(f"camera_topics has {len(topics)} topics for {len(cameras)} cameras {cameras}")
+    return [(f"{name}/image", topic) for name, topic in zip(cameras, topics)]
 
 
 def _node_exited(event, context):
@@ -77,7 +122,7 @@ def _node(context):
         emulate_tty=True,
         # Later entries win: the params file first, then only the launch arguments that were given.
         parameters=[LaunchConfiguration("params_file"), _overrides(context)],
-        remappings=[("image", LaunchConfiguration("camera_topic"))],
+        remappings=_remappings(context),
         arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
         sigterm_timeout=STOP_TIMEOUT_S,
     )
@@ -124,9 +169,19 @@ def generate_launch_description() -> LaunchDescription:
             description="num_threads parameter: torch CPU threads (0 = one per core)" + not_given,
         ),
         DeclareLaunchArgument(
+            "cameras", default_value=NOT_GIVEN,
+            description="cameras parameter: a YAML list of camera names, e.g. \"[front, rear]\", served by "
+                        "one node and one model (inputs <name>/image, outputs ~/<name>/prediction)" + not_given,
+        ),
+        DeclareLaunchArgument(
+            "camera_topics", default_value=NOT_GIVEN,
+            description="With cameras: a YAML list of the camera topics, one per name in the same order, "
+                        "each camera's <name>/image is remapped to; '' = no remaps (<name>/image).",
+        ),
+        DeclareLaunchArgument(
             "camera_topic", default_value="image",
             description="Camera topic the node's 'image' input is remapped to (relative names are "
-                        "resolved in the namespace).",
+                        "resolved in the namespace); single camera only (see camera_topics).",
         ),
         DeclareLaunchArgument(
             "namespace", default_value="",

@@ -132,3 +132,16 @@ def test_demo_launch_types_every_parameter_it_sets() -> None:
                                              for kw in c.keywords))
     assert "num_threads" in {k.value for d in ast.walk(node_call) if isinstance(d, ast.Dict) for k in d.keys}
     assert "OMP_NUM_THREADS" not in (REPO / "launch" / "demo.launch.py").read_text()
+
+
+def test_node_launch_takes_cameras_and_their_topics_as_name_lists() -> None:
+    tree = _tree("impatient.launch.py")
+    constants = _constants(tree)
+    declared = _declared(tree)
+    for argument in ("cameras", "camera_topics"):
+        # '' = not given: a params file's cameras stay (and the single-camera node is the default).
+        assert _value(declared[argument]["default_value"], constants) == "", argument
+    # Not in the typed table: a YAML list of names, checked by the launch file itself (_name_list).
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert {"_name_list", "_remappings"} <= functions
+    assert "cameras" in {spec.name for spec in node_params.PARAMETERS}

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import rclpy
 import torch
+import yaml
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
@@ -25,6 +26,7 @@ from sensor_msgs.msg import Image
 
 from impatient_ros.msg import Budget, StagePrediction
 from impatient_ros.ros.cameras import camera_names_problem
+from impatient_ros.ros.node_params import PARAMETERS, check_parameters
 from impatient_ros.ros.image_convert import array_to_image_fields
 from impatient_ros.runtime.checkpoint import save_checkpoint
 from impatient_ros.runtime.model import NetConfig, build_network
@@ -53,6 +55,13 @@ def test_bad_camera_names_are_refused_with_a_reason(names, fragment) -> None:
 def test_good_camera_names_and_no_cameras_pass() -> None:
     assert camera_names_problem(["front", "rear_2"]) is None
     assert camera_names_problem([]) is None and camera_names_problem(None) is None
+
+
+def test_the_multicam_params_file_example_is_valid() -> None:
+    data = yaml.safe_load((REPO / "config" / "multicam.yaml").read_text())["/**/impatient_node"]["ros__parameters"]
+    declared = {spec.name: spec.default for spec in PARAMETERS}
+    assert set(data) <= set(declared) and data["cameras"] == ["front", "rear"]
+    assert check_parameters({**declared, **data}) is None
 
 
 # --------------------------------------------------------------------------- a node process
