@@ -31,6 +31,14 @@ class ScriptedJob:
     def deadline(self) -> float | None:
         return self._deadline
 
+    @property
+    def next_cost(self) -> float:
+        return self.costs[self.k]
+
+    @property
+    def answered(self) -> bool:
+        return self.k > 0
+
     def fits(self, now: float) -> bool:
         return self._deadline is None or now + self.costs[self.k] <= self._deadline
 
@@ -86,15 +94,32 @@ def test_a_frame_whose_next_stage_no_longer_fits_ends_with_its_last_exit():
         assert start + job.costs[k - 1] <= job.deadline
 
 
+def test_a_deeper_stage_never_costs_another_frame_its_first_answer():
+    clock, log = FakeClock(), []
+    sched = _scheduler(["a", "b"], clock)
+    t0 = clock.now()
+    slack = 1e-9
+    a = ScriptedJob("a", clock, [3 * MS] * 3, t0 + 10 * MS + slack, log)
+    b = ScriptedJob("b", clock, [3 * MS] * 3, t0 + 11 * MS + slack, log)
+    sched.add("a", a)
+    sched.add("b", b)
+    sched.drain()
+    # Plain EDF would run a1 a2 a3 (0-9 ms) and leave b (deadline 11 ms) no time for any stage.
+    # After a2 (6 ms), a3 would push b's first stage to 9-12 ms > 11: b gets the slot.
+    assert [(name, k) for name, k, _ in log] == [("a", 1), ("a", 2), ("b", 1)]
+    assert a.final_exit == 2 and b.final_exit == 1
+
+
 def test_a_frame_that_waited_too_long_for_its_first_stage_ends_with_no_answer():
     clock, log = FakeClock(), []
     sched = _scheduler(["a", "b"], clock)
     t0 = clock.now()
     sched.add("a", ScriptedJob("a", clock, [5 * MS] * 2, t0 + 10 * MS, log))
-    late = ScriptedJob("b", clock, [4 * MS] * 2, t0 + 12 * MS, log)
+    late = ScriptedJob("b", clock, [8 * MS] * 2, t0 + 12 * MS, log)
     sched.add("b", late)
     sched.drain()
-    # a runs 0-5, 5-10; at 10 ms b's first stage (4 ms) would end at 14 > 12: b expires with no exit.
+    # Only one of the two first stages fits (5 + 8 > 10 and > 12): EDF gives it to a (0-5 ms); at 5 ms
+    # b's first stage would end at 13 > 12, so b expires with no exit; a goes on (5-10 ms).
     assert late.expired and late.final_exit == 0
     assert [name for name, _, _ in log] == ["a", "a"]
 

@@ -18,8 +18,15 @@ The rule (``policy="edf"``), applied before every stage at the time ``now``:
    since it last ran a stage (or since it arrived) gets this stage; the one
    waiting longest first. Deadline-less images therefore run at least one
    stage per ``max_wait_s`` whatever the load: they are not starved.
-3. **EDF.** Otherwise the image with the earliest deadline whose next stage
-   fits gets the stage (ties: the one that arrived first).
+3. **EDF, answers first.** Otherwise the image with the earliest deadline
+   whose next stage fits gets the stage (ties: the one that arrived first),
+   unless that image already has an answer and another image that has none
+   yet would, after that stage, no longer fit its first one: then the
+   earliest-deadline such image gets it. Admission uses a pessimistic
+   quantile (p99) while stages mostly take their median, so plain EDF would
+   spend the slack of the earliest frame on its deeper exits while a frame
+   that arrived a moment later loses its only chance of an answer: one
+   camera of two with close phases went unanswered that way.
 4. **Idle slot.** Otherwise (no image with a deadline in flight) the
    deadline-less image waiting longest gets it.
 
@@ -60,6 +67,12 @@ class StageJob(Protocol):
 
     @property
     def done(self) -> bool: ...
+
+    @property
+    def next_cost(self) -> float: ...         # predicted seconds of the next stage (its admission)
+
+    @property
+    def answered(self) -> bool: ...           # an exit's answer has gone out
 
     def fits(self, now: float) -> bool: ...   # the next stage, started at now, ends by the deadline
 
@@ -174,7 +187,17 @@ class StageScheduler:
             return expire, min(aged, key=lambda item: (item[1].waiting_since, item[1].seq))[0]
         timed = [(s, slot) for s, slot in live if slot.job.deadline is not None]
         if timed:
-            return expire, min(timed, key=lambda item: (item[1].job.deadline, item[1].seq))[0]
+            def edf(item: tuple[Hashable, _Slot]) -> tuple[float, int]:
+                return item[1].job.deadline, item[1].seq
+
+            chosen, slot = min(timed, key=edf)
+            if slot.job.answered:  # answers first (rule 3): its deeper stage must not cost another's first
+                after = now + slot.job.next_cost
+                at_risk = [(s, other) for s, other in timed
+                           if s != chosen and not other.job.answered and not other.job.fits(after)]
+                if at_risk:
+                    chosen = min(at_risk, key=edf)[0]
+            return expire, chosen
         return expire, min(free, key=lambda item: (item[1].waiting_since, item[1].seq))[0]
 
     def step(self) -> StepOutcome:

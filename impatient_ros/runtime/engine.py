@@ -948,6 +948,11 @@ class StagedRun:
         """Predicted seconds of the next stage at the admission quantile (NaN without timings)."""
         return self._predicted
 
+    @property
+    def answered(self) -> bool:
+        """Whether an exit's answer has been handed over (the scheduler serves first answers first)."""
+        return bool(self.report.results)
+
     def fits(self, now: float) -> bool:
         """Whether the next stage, started at ``now``, is predicted to end by the deadline (the admission rule)."""
         return not self.done and self._engine._fits(now, self._predicted, self.report.deadline)
