@@ -6,7 +6,14 @@ pooled the way the head pools:
 
 * ``avg4x4`` -- average pooling into a 4x4 grid, flattened (16 * C values);
 * ``avg``    -- global average pooling (C values);
-* ``fc``     -- the whole feature map, flattened (C * H * W values).
+* ``fc``     -- the whole feature map, flattened (C * H * W values);
+* ``conv``   -- the conv head's own pooled features (``ConvHead.features``:
+  its 3x3 conv + BN + ReLU, then the 4x4 grid; 16 * width values), i.e. what
+  its batch norm and Linear layer read. So a probe on them (LP-FT start, head
+  refit) replaces only the head's final linear layer and keeps its trained
+  convolution. These depend on the head, not only on the stage output; a
+  frozen-backbone baseline that should not see a head's convolution asks for
+  ``avg4x4`` instead.
 
 By default the pooling follows the network's own head kind. The heads'
 batch norm is not part of the features: the probes standardise their inputs
@@ -22,20 +29,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from impatient_ros.runtime.heads import HEAD_KINDS
+from impatient_ros.runtime.heads import HEAD_KINDS, ConvHead
 from impatient_ros.runtime.model import ImpatientNet
 
 __all__ = ["POOLINGS", "ExitOutputs", "pool_features", "collect_outputs"]
 
-POOLINGS: tuple[str, ...] = HEAD_KINDS  # ("fc", "avg", "avg4x4")
+POOLINGS: tuple[str, ...] = HEAD_KINDS  # ("fc", "avg", "avg4x4", "conv")
 
 
-def pool_features(h: torch.Tensor, pooling: str) -> torch.Tensor:
-    """A stage output (N, C, H, W) -> the features its EP head kind reads, (N, D)."""
+def pool_features(h: torch.Tensor, pooling: str, head: torch.nn.Module | None = None) -> torch.Tensor:
+    """A stage output (N, C, H, W) -> the features its EP head kind reads, (N, D).
+
+    ``conv`` needs the exit's ``head`` (a ConvHead): its features come from its own convolution.
+    """
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
     if h.dim() != 4:
         raise ValueError(f"expected a feature map (N, C, H, W), got shape {tuple(h.shape)}")
+    if pooling == "conv":
+        if not isinstance(head, ConvHead):
+            raise ValueError(f"conv pooling reads a ConvHead's own features, got head {type(head).__name__}")
+        return head.features(h)  # (N, 16*width)
     if pooling == "avg4x4":
         return torch.flatten(F.adaptive_avg_pool2d(h, 4), 1)  # (N, 16*C)
     if pooling == "avg":
@@ -98,7 +112,7 @@ def collect_outputs(
                 h = net.run_block(k, h)  # (B, C_k, H_k, W_k)
                 logits[k].append(net.run_head(k, h).float().cpu().numpy())
                 if features and k in keep:
-                    feats[k].append(pool_features(h, pooling).float().cpu().numpy())
+                    feats[k].append(pool_features(h, pooling, net.heads[k]).float().cpu().numpy())
             labels.append(np.asarray(target, dtype=np.int64).reshape(-1))
     finally:
         net.train(was_training)

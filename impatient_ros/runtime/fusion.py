@@ -18,6 +18,13 @@ dispatch as in arithmetic (pool, flatten, batch norm, linear: four calls, about
 forward. Fused, a head is one or two calls (9-24 us). See
 ``bench/bench_engine.py``.
 
+The ``conv`` head (3x3 conv -> BN2d -> ReLU -> the avg4x4 head) folds twice:
+its BN2d into the convolution (``W_c' = W_c * s`` per output channel, bias
+``beta - mu * s``), exact for the same reason, and its avg4x4 tail as above on
+the convolution's output shape. The ReLU between them stays, so the fused form
+is conv (with bias) -> ReLU -> one or two calls: three or four operators
+instead of seven.
+
 Only for inference: the fused head has no batch-norm statistics to update and no
 trainable parameters. Heads this module does not know (a torchvision classifier
 used as the last exit) are left as they are.
@@ -29,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import Avg4x4Head, AvgHead, FCHead
+from .heads import Avg4x4Head, AvgHead, ConvHead, FCHead
 
 # Pooling and linear layer merge into one matrix product when the dense matrix
 # (C*H*W inputs x classes) has at most this many entries (256 KiB in float32):
@@ -58,6 +65,59 @@ class FusedHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in={self.weight_t.shape[0]}, classes={self.weight_t.shape[1]}"
+
+
+class FusedConvHead(nn.Module):
+    """``conv (batch norm folded in) -> ReLU -> FusedHead``: the inference form of a ConvHead."""
+
+    def __init__(self, conv: nn.Conv2d, tail: FusedHead) -> None:
+        super().__init__()
+        self.conv = conv
+        self.tail = tail
+        self.kind = f"conv (folded) + {tail.kind}"
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: (N, C, H, W) -> relu(conv(h)) (N, width, H', W') -> logits (N, num_classes)
+        return self.tail(torch.relu_(self.conv(h)))
+
+    def extra_repr(self) -> str:
+        return self.kind
+
+
+def _folded_conv(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) -> nn.Conv2d:
+    """The convolution equal to norm(conv(x)) in eval mode: each output channel scaled, a bias added."""
+    var = norm.running_var.double()
+    gamma = norm.weight.double() if norm.weight is not None else torch.ones_like(var)
+    beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + norm.eps)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                      padding_mode=conv.padding_mode)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight.double() * scale[:, None, None, None])
+        fused.bias.copy_(beta + (bias - norm.running_mean.double()) * scale)
+    return fused.requires_grad_(False)
+
+
+def _conv_output_hw(conv: nn.Conv2d, hw: tuple[int, int]) -> tuple[int, int]:
+    """(H', W') of ``conv`` on an (H, W) input (PyTorch's output-size formula)."""
+    return tuple(  # type: ignore[return-value]
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(hw, conv.padding, conv.dilation, conv.kernel_size, conv.stride))
+
+
+def _fused_avg(norm: nn.modules.batchnorm._BatchNorm, fc: nn.Linear, grid: int, shape: tuple[int, int, int],
+               dense_max_entries: int) -> FusedHead:
+    """pool(grid) -> BN1d -> Linear on (C, H, W) maps as one FusedHead (identity pool, dense or pooled)."""
+    c, hh, ww = shape
+    w, b = _folded(norm, fc, 1)
+    name = "avg" if grid == 1 else "avg4x4"
+    if (hh, ww) == (grid, grid):  # pooling is the identity
+        return FusedHead(w, b, None, f"{name} (identity pool)")
+    if c * hh * ww * w.shape[0] <= dense_max_entries:
+        return FusedHead(_dense_through_pool(w, grid, (c, hh, ww)), b, None, f"{name} (dense)")
+    return FusedHead(w, b, grid, f"{name} (pooled)")
 
 
 def _folded(norm: nn.modules.batchnorm._BatchNorm, fc: nn.Linear, repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,14 +162,12 @@ def fuse_head(head: nn.Module, feature_shape: tuple[int, int, int],
         fused = FusedHead(w, b, None, "fc (folded)")
     elif isinstance(head, (AvgHead, Avg4x4Head)):
         grid = 1 if isinstance(head, AvgHead) else Avg4x4Head.GRID
-        w, b = _folded(head.norm, head.fc, 1)
-        name = "avg" if grid == 1 else "avg4x4"
-        if (hh, ww) == (grid, grid):  # pooling is the identity
-            fused = FusedHead(w, b, None, f"{name} (identity pool)")
-        elif c * hh * ww * w.shape[0] <= dense_max_entries:
-            fused = FusedHead(_dense_through_pool(w, grid, (c, hh, ww)), b, None, f"{name} (dense)")
-        else:
-            fused = FusedHead(w, b, grid, f"{name} (pooled)")
+        fused = _fused_avg(head.norm, head.fc, grid, (c, hh, ww), dense_max_entries)
+    elif isinstance(head, ConvHead):
+        conv = _folded_conv(head.conv, head.conv_norm)
+        tail = _fused_avg(head.norm, head.fc, ConvHead.GRID,
+                          (conv.out_channels, *_conv_output_hw(conv, (hh, ww))), dense_max_entries)
+        fused = FusedConvHead(conv, tail)
     else:
         return head
     return fused.to(device=device, dtype=dtype)

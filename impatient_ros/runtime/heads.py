@@ -5,7 +5,11 @@ The three kinds follow Amthor et al. (BMVC 2016, Fig. 2 right):
 * ``"fc"``     -- one fully connected layer on the whole feature map,
 * ``"avg"``    -- global average pooling, then a fully connected layer,
 * ``"avg4x4"`` -- average pooling into 4x4 = 16 regions (keeps rough spatial
-  layout), then a fully connected layer; the paper's choice.
+  layout), then a fully connected layer; the paper's choice,
+* ``"conv"``   -- an MSDNet-style head (Huang et al., ICLR 2018): one 3x3
+  convolution + batch norm + ReLU in front of the ``avg4x4`` head, so an
+  early exit gets a layer of its own instead of reading the backbone's
+  features as they are (issue 12, "stronger heads where they pay for their time").
 
 Every head normalises its input with batch norm before the linear layer: the
 paper reports that without it joint training of the exits does not converge
@@ -17,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HEAD_KINDS: tuple[str, ...] = ("fc", "avg", "avg4x4")
+HEAD_KINDS: tuple[str, ...] = ("fc", "avg", "avg4x4", "conv")
 
 
 class FCHead(nn.Module):
@@ -76,6 +80,49 @@ class Avg4x4Head(nn.Module):
         return self.fc(self.norm(torch.flatten(self.pool(h), 1)))
 
 
+class ConvHead(nn.Module):
+    """3x3 conv (no bias) -> BN2d -> ReLU -> average pool into a 4x4 grid -> BN1d -> Linear.
+
+    Why this one default rather than MSDNet's two stride-2 convolutions: the
+    head runs at every exit on the anytime path (t_A sums every head), so it
+    gets the smallest change that gives an exit its own non-linear layer. One
+    convolution to ``min(C, MAX_WIDTH)`` channels bounds its cost on wide
+    backbones (a 2048-channel ResNet-50 stage gets 128, not 2048, filters).
+    It is strided (2) on feature maps of at least ``STRIDE_FROM`` pixels a side,
+    as MSDNet's are: the 4x4 pooling that follows keeps only a 4x4 grid, so a
+    full-resolution convolution would pay 4x the arithmetic for detail the
+    pooling averages away; smaller maps keep stride 1 so the grid still has
+    distinct cells. The tail is exactly the ``avg4x4`` head (``pool``, ``norm``,
+    ``fc``), so probes and fusion treat it as one: :meth:`features` is what its
+    batch norm and Linear layer read.
+    """
+
+    GRID = 4
+    MAX_WIDTH = 128
+    STRIDE_FROM = 16
+
+    def __init__(self, in_channels: int, feature_hw: tuple[int, int], num_classes: int) -> None:
+        super().__init__()
+        width = min(int(in_channels), self.MAX_WIDTH)
+        stride = 2 if min(feature_hw) >= self.STRIDE_FROM else 1
+        self.conv = nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False)
+        self.conv_norm = nn.BatchNorm2d(width)
+        self.act = nn.ReLU(inplace=True)  # on the conv's own fresh output: nothing else holds it
+        self.pool = nn.AdaptiveAvgPool2d(self.GRID)
+        features = width * self.GRID * self.GRID
+        self.norm = nn.BatchNorm1d(features)
+        self.fc = nn.Linear(features, num_classes)
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """The pooled features the head's batch norm and Linear layer read: (N, C, H, W) -> (N, 16 * width)."""
+        z = self.act(self.conv_norm(self.conv(h)))  # (N, width, H', W'), H' = ceil(H / stride)
+        return torch.flatten(self.pool(z), 1)       # (N, width, 4, 4) -> (N, 16 * width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: (N, C, H, W) -> features (N, 16 * width) -> logits (N, num_classes)
+        return self.fc(self.norm(self.features(h)))
+
+
 def make_head(kind: str, in_channels: int, feature_hw: tuple[int, int], num_classes: int) -> nn.Module:
     """Build the EP head ``kind`` for a stage output of shape (in_channels, *feature_hw).
 
@@ -93,4 +140,6 @@ def make_head(kind: str, in_channels: int, feature_hw: tuple[int, int], num_clas
         return FCHead(in_channels, feature_hw, num_classes)
     if kind == "avg":
         return AvgHead(in_channels, num_classes)
+    if kind == "conv":
+        return ConvHead(in_channels, feature_hw, num_classes)
     return Avg4x4Head(in_channels, num_classes)
