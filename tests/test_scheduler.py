@@ -26,6 +26,8 @@ class ScriptedJob:
         self.done = False
         self.final_exit: int | None = None   # 1-based exit that ended up final (0: none, NO_TIME)
         self.expired = False
+        self.quiet = True
+        self.quiet_seen: list[bool] = []   # quiet at each step/expiry, as the scheduler set it
 
     @property
     def deadline(self) -> float | None:
@@ -43,6 +45,7 @@ class ScriptedJob:
         return self._deadline is None or now + self.costs[self.k] <= self._deadline
 
     def step(self) -> bool:
+        self.quiet_seen.append(self.quiet)
         start = self.clock.now()
         assert self.fits(start), f"{self.name}: a stage started that does not fit"
         self.log.append((self.name, self.k + 1, start))
@@ -53,6 +56,7 @@ class ScriptedJob:
         return not self.done
 
     def expire(self) -> None:
+        self.quiet_seen.append(self.quiet)
         self.done, self.expired, self.final_exit = True, True, self.k
 
 
@@ -255,3 +259,18 @@ def test_unknown_busy_and_nan_deadline_images_are_refused():
     sched.add("a", ScriptedJob("a", clock, [1 * MS], None, log))
     with pytest.raises(SchedulerError, match="already has an image in flight"):
         sched.add("a", ScriptedJob("a", clock, [1 * MS], None, log))
+
+
+def test_jobs_are_told_when_no_other_deadline_frame_is_in_flight():
+    clock, log = FakeClock(), []
+    sched = _scheduler(["a", "b", "free"], clock)
+    t0 = clock.now()
+    a = ScriptedJob("a", clock, [1 * MS] * 2, t0 + 10 * MS, log)
+    b = ScriptedJob("b", clock, [1 * MS] * 2, t0 + 20 * MS, log)
+    free = ScriptedJob("free", clock, [1 * MS], None, log)
+    for name, job in (("a", a), ("b", b), ("free", free)):
+        sched.add(name, job)
+    sched.drain()
+    # a runs while b waits: never quiet; b's stages after a has gone are; a deadline-less frame does
+    # not count (probes may delay it).
+    assert a.quiet_seen == [False, False] and b.quiet_seen == [True, True] and free.quiet_seen == [True]

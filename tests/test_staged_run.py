@@ -139,3 +139,51 @@ def test_a_frame_passed_over_by_edf_ends_with_a_repeated_final_answer(checkpoint
         (1, False, False, StopReason.NONE), (1, True, True, StopReason.DEADLINE)]
     assert a.report.final_repeated and sched.stats["a"].expired == 1
     assert sum(r.is_final for r in seen["a"]) == sum(r.is_final for r in seen["b"]) == 1
+
+
+def test_interleaved_runs_keep_their_own_exits_for_the_ensemble(checkpoint_path):
+    import dataclasses
+
+    # Exit k answers with the mean of exits 1..k: an answer mixing in the other image's exits would show.
+    spec = {"kind": "geometric", "weights": [[1.0], [0.5, 0.5], [1 / 3] * 3, [0.25] * 4]}
+    checkpoint = dataclasses.replace(load_checkpoint(checkpoint_path), ensemble=spec)
+    engine = StagedEngine(checkpoint, "cpu", probe_interval_s=0.0)
+    assert engine.use_ensemble
+    a_img, b_img = _images(2)
+    alone = [engine.run(img, "gray").results for img in (a_img, b_img)]
+    a, b = engine.start_run(a_img, "gray"), engine.start_run(b_img, "gray")
+    for run in (a, b, b, a, a, b, b, a):
+        run.step()
+    for run, expected in ((a, alone[0]), (b, alone[1])):
+        assert all(r.ensemble for r in run.report.results)
+        for got, want in zip(run.report.results, expected, strict=True):
+            np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
+
+
+def test_a_run_ending_beside_another_deadline_frame_leaves_the_probe_for_later(checkpoint_path):
+    clock = FakeClock()
+    timing = TimingModel(4)
+    for _ in range(50):
+        for k in range(4):
+            timing.record(k, BLOCK_MS[k] * MS, HEAD_MS[k] * MS)
+    engine = StagedEngine(load_checkpoint(checkpoint_path), "cpu", timing=timing, clock=clock.now,
+                          probe_interval_s=0.02)   # the starvation probe on: deeper stages never ran
+    set_stage_costs(engine.net, clock, [b * MS for b in BLOCK_MS], [h * MS for h in HEAD_MS])
+    imgs = _images(2)
+    t0 = clock.now()
+    sched = StageScheduler(["a", "b"], clock.now)
+    a = engine.start_run(imgs[0], "gray", deadline=t0 + 3 * MS)    # one stage fits: ends DEADLINE
+    b = engine.start_run(imgs[1], "gray", deadline=t0 + 30 * MS)
+    sched.add("a", a)
+    sched.add("b", b)
+    sched.step()
+    # a ended while b (a deadline) was in flight: no probe, which would have run stages 2-4 on b's time.
+    assert a.done and a.report.stop_reason is StopReason.DEADLINE and a.report.probed_stages == ()
+    sched.drain()
+    assert b.report.stop_reason is StopReason.COMPLETE
+    # Alone, the same run probes as run() does (once b's measurements of stages 2-4 are stale).
+    clock.advance(0.05)
+    c = engine.start_run(imgs[0], "gray", deadline=clock.now() + 3 * MS)
+    sched.add("a", c)
+    sched.drain()
+    assert c.report.stop_reason is StopReason.DEADLINE and c.report.probed_stages[0] == 1

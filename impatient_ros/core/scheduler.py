@@ -37,6 +37,12 @@ stage still follows admission (rule 1: it ends with the exit it has rather
 than start a stage that would miss its deadline), so the cost is a shallower
 exit, never a late one.
 
+Work that can wait: the engine re-measures refused stages when a run ends
+(its starvation probe, up to that frame's budget of stages). The scheduler
+tells each job, before its step, whether it is ``quiet`` (no other image with
+a deadline in flight); a StagedRun probes only then, so a probe never spends
+another camera's slack.
+
 ``policy="round_robin"`` keeps rule 1 and then gives the stage to the next
 source after the last one served, in the order the sources were given, that
 has an image in flight (the order a loop over the cameras would take), for
@@ -73,6 +79,10 @@ class StageJob(Protocol):
 
     @property
     def answered(self) -> bool: ...           # an exit's answer has gone out
+
+    # Set by the scheduler before each step and expiry: True when no other image with a deadline is in
+    # flight, so work that can wait (the engine's re-measuring probe when a run ends) may run now.
+    quiet: bool
 
     def fits(self, now: float) -> bool: ...   # the next stage, started at now, ends by the deadline
 
@@ -214,6 +224,7 @@ class StageScheduler:
             slot = self._slots.pop(source)
             self.stats[source].expired += 1
             self.stats[source].finished += 1
+            slot.job.quiet = self._quiet(source)
             try:
                 slot.job.expire()
             except Exception:
@@ -230,6 +241,7 @@ class StageScheduler:
         stats.stages += 1
         self._last_served = self._index[chosen]
         try:
+            slot.job.quiet = self._quiet(chosen)
             more = slot.job.step()
         except Exception:
             del self._slots[chosen]
@@ -243,6 +255,10 @@ class StageScheduler:
             finished.append((chosen, slot.job))
             self.last_finished[chosen] = slot.job
         return StepOutcome(chosen, tuple(finished), tuple(expire))
+
+    def _quiet(self, source: Hashable) -> bool:
+        """No image with a deadline in flight besides ``source``'s (and none expiring)."""
+        return not any(s != source and slot.job.deadline is not None for s, slot in self._slots.items())
 
     def _timed_waiting(self, chosen: Hashable) -> bool:
         """Whether an image with a deadline is in flight besides ``chosen`` (the aging rule mattered)."""

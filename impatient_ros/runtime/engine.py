@@ -910,7 +910,8 @@ class StagedRun:
     its next step: if its next stage no longer fits, that step ends it with its
     last exit handed over again as the final answer (stop reason DEADLINE), or
     with NO_TIME when no stage ran. The engine's starvation probe runs when a run
-    ends, as after ``run``. On CUDA, stepped runs wait for each exit before the
+    ends, as after ``run``, unless ``quiet`` was cleared (a scheduler does while
+    other images with deadlines are in flight). On CUDA, stepped runs wait for each exit before the
     next stage is queued (``run`` in anytime mode queues ahead instead).
 
     Modes: anytime and cascade step stage by stage; a-priori is one step (the
@@ -932,6 +933,10 @@ class StagedRun:
         else:  # the shallowest exit it could choose; a-priori without timings runs without a deadline
             self._predicted = engine._apriori_cost(0) if engine.timing.is_calibrated else math.nan
         self.done = False
+        # Whether the starvation probe may run when this run ends. A scheduler clears it while other
+        # images with deadlines are in flight: a probe burst (up to this frame's budget) would spend
+        # their slack on measurements; the probe then waits for a run that ends with the engine quiet.
+        self.quiet = True
 
     @property
     def deadline(self) -> float | None:
@@ -989,7 +994,8 @@ class StagedRun:
 
     def _end(self) -> None:
         self.done = True
-        self._engine._probe_refused_stages(self.report)
+        if self.quiet:
+            self._engine._probe_refused_stages(self.report)
         _close_report(self.report)
 
     def _step(self) -> bool:
