@@ -74,6 +74,7 @@ MARKERS_BY_MODULE = {
     "test_evaluate": "train",
     "test_baselines": "train",
     "test_recipe": "train",             # LP-FT, refit and ensembles fitted on small networks
+    "test_conv_head_training": "train", # conv heads: a short run, LP-FT start and refit on tiny networks
 }
 
 

@@ -16,6 +16,21 @@ statistics, per feature for BN1d, per channel for the fc head's BN2d). So the
 head keeps the same output when it goes on training: in training mode its
 batch norm normalises with batch statistics close to ``mu``/``var``, which
 is what an LP-FT start (Kumar et al., ICLR 2022) needs.
+
+A ``conv`` head (3x3 conv + BN + ReLU, then the avg4x4 head) is refit and
+started the same way on its OWN pooled features (``ConvHead.features``, the
+``conv`` pooling of ``training.features``): only its final batch norm and
+Linear layer become the probe, its convolution stays as trained. Why not a
+probe on the stage output instead: that would throw away the head's one
+trained layer, and a probe of a different shape does not fit its Linear
+layer. So for a conv head, refit means "re-solve the last layer on the
+trained convolution's features", chosen per exit on val like any other.
+For the LP-FT start the convolution is still its random initialisation:
+:func:`linear_probe_start` first gives its batch norm the training
+features' statistics (one pass, :func:`settle_conv_norms`), so that the
+head's output does not jump when fine-tuning starts with batch statistics,
+then fits the probes on the features of that random convolution (the start
+is validated as epoch 0 like any other, so val decides whether it is kept).
 """
 
 from __future__ import annotations
@@ -27,10 +42,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from impatient_ros.runtime.heads import ConvHead
+
 from .baselines import DEFAULT_CS, BaselineError, ExitProbes, LinearProbe, fit_exit_probes
 from .features import collect_outputs
 
-__all__ = ["head_statistics", "set_head_from_probe", "fit_head_probes", "linear_probe_start", "refit_heads"]
+__all__ = ["head_statistics", "set_head_from_probe", "settle_conv_norms", "fit_head_probes", "linear_probe_start",
+           "refit_heads"]
 
 
 def head_statistics(net: Any, k: int, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +99,34 @@ def _loader(dataset: Any, batch_size: int) -> Any:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
 
 
+@torch.no_grad()
+def settle_conv_norms(net: Any, dataset: Any, *, device: str | torch.device = "cpu", batch_size: int = 256) -> int:
+    """Set every conv head's BN2d (``conv_norm``) to the statistics of ``dataset``'s features; how many it set.
+
+    One pass with only those batch norms in training mode and a cumulative
+    average (momentum None), as torch.optim.swa_utils.update_bn does; the
+    backbone and every other layer stay in eval mode and keep their weights.
+    """
+    norms = [head.conv_norm for head in net.heads if isinstance(head, ConvHead)]
+    if not norms:
+        return 0
+    was_training = net.training
+    net.eval()
+    saved = [norm.momentum for norm in norms]
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+            norm.train()
+        for images, _ in _loader(dataset, batch_size):
+            net(images.to(device))
+    finally:
+        for norm, momentum in zip(norms, saved):
+            norm.momentum = momentum
+        net.train(was_training)
+    return len(norms)
+
+
 def fit_head_probes(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
                     device: str | torch.device = "cpu", batch_size: int = 256) -> tuple[ExitProbes, dict[str, Any]]:
     """Probes per exit on ``net``'s pooled features (C per exit on val); also the heads' own val logits."""
@@ -92,7 +138,11 @@ def fit_head_probes(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[floa
 
 def linear_probe_start(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
                        device: str | torch.device = "cpu", batch_size: int = 256) -> dict[str, Any]:
-    """LP-FT start: every EP head becomes the val-tuned probe on the (frozen) network's features."""
+    """LP-FT start: every EP head becomes the val-tuned probe on the (frozen) network's features.
+
+    Conv heads first get their convolution's batch-norm statistics from the training images (module note).
+    """
+    settle_conv_norms(net, train_set, device=device, batch_size=batch_size)
     probes, outs = fit_head_probes(net, train_set, val_set, Cs=Cs, device=device, batch_size=batch_size)
     for k, probe in enumerate(probes.probes):
         set_head_from_probe(net, k, probe, outs["train"].features[k])
@@ -104,7 +154,9 @@ def refit_heads(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] =
     """Post-hoc refit: exit k's head becomes the val-tuned probe on the final features where that is better on val.
 
     Better means a strictly higher validation accuracy than the trained head;
-    otherwise the trained head stays.
+    otherwise the trained head stays. A conv head keeps its convolution: the
+    probe is fitted on, and replaces only the layer that reads, its pooled
+    features (module note).
     """
     probes, outs = fit_head_probes(net, train_set, val_set, Cs=Cs, device=device, batch_size=batch_size)
     va = outs["val"]
