@@ -20,9 +20,10 @@ from tests.fake_clock import FakeClock
 
 MS = 1e-3
 GRAY = {"input_size": [16, 16], "channels": "gray", "mean": [0.5], "std": [0.25]}
-# One backbone of each family (its stage code path); tiny inputs as in test_model.py.
-FAMILIES = ["smallcnn_tiny", "alexnet", "vgg11_bn", "resnet18", "mobilenet_v3_small"] + (
-    ["efficientnet_lite0"] if "efficientnet_lite0" in list_backbones() else [])
+# One backbone of each family (its stage code path); tiny inputs as in test_model.py. AlexNet builds its
+# 58M-parameter classifier (about 10 s here): slow tier, like test_model.py's full backbone x head matrix.
+FAMILIES = ["smallcnn_tiny", pytest.param("alexnet", marks=pytest.mark.slow), "vgg11_bn", "resnet18",
+            "mobilenet_v3_small"] + (["efficientnet_lite0"] if "efficientnet_lite0" in list_backbones() else [])
 
 
 def _config(backbone: str, **kwargs) -> NetConfig:
