@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from impatient_ros.runtime.checkpoint import load_checkpoint  # noqa: E402
-from impatient_ros.runtime.model import build_network  # noqa: E402
+from impatient_ros.runtime.model import build_network, list_heads  # noqa: E402
 from training.baselines import DEFAULT_CS, fit_exit_probes  # noqa: E402
 from impatient_ros.core.budget import scheme_weights  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
@@ -394,10 +394,24 @@ def load_splits(regime: Regime, seed: int, preprocessing: dict[str, Any]) -> dic
     return {"train": bundle.train, "val": bundle.val, "test": bundle.test}
 
 
-def run_outputs(net: Any, splits: dict[str, Any], names: tuple[str, ...], features: bool, clock: Clock) -> dict[str, Any]:
-    """Logits (and pooled features) of ``net`` on the named splits, one pass each."""
+def baseline_pooling(net: Any) -> str | None:
+    """The pooling of the FT/ORIG probes: the network's head kind, but ``avg4x4`` for conv heads.
+
+    The baselines are linear probes on the backbone's features. A conv head's own
+    features come out of its convolution, which the STD network (weight 0 on the
+    early exits) and ORIG (nothing trained) never train: random filters would make
+    the baseline weaker than the backbone's features warrant. The conv head's
+    tail is the avg4x4 head, so avg4x4 is the same probe without the convolution.
+    """
+    return "avg4x4" if net.config.head == "conv" else None
+
+
+def run_outputs(net: Any, splits: dict[str, Any], names: tuple[str, ...], features: bool, clock: Clock,
+                pooling: str | None = None) -> dict[str, Any]:
+    """Logits (and pooled features, by default as the network's heads pool) of ``net`` on the named splits."""
     t0 = time.perf_counter()
-    out = {s: collect_outputs(net, DataLoader(splits[s], batch_size=256, shuffle=False), features=features)
+    out = {s: collect_outputs(net, DataLoader(splits[s], batch_size=256, shuffle=False), features=features,
+                              pooling=pooling)
            for s in names}
     clock.add("inference", time.perf_counter() - t0)
     return out
@@ -479,7 +493,7 @@ def run_regime(regime: Regime, seeds: list[int], work: Path, clock: Clock, disti
         num_classes = std.config.num_classes
         splits = load_splits(regime, seed, std.preprocessing)
         std = load_trained(regime, std_ckpt, splits, clock)
-        outs = run_outputs(std.net, splits, ("train", "val", "test"), True, clock)
+        outs = run_outputs(std.net, splits, ("train", "val", "test"), True, clock, baseline_pooling(std.net))
         yv, yt = outs["val"].labels, outs["test"].labels
         probes = fit_probes(outs, num_classes, clock, regime.probe_Cs)
         own = exit_record(outs["val"].logits, yv, outs["test"].logits, yt)
@@ -505,7 +519,7 @@ def run_regime(regime: Regime, seeds: list[int], work: Path, clock: Clock, disti
             say(f"seed {seed}: ORIG (pretrained, not fine-tuned) + probes")
             torch.manual_seed(seed)
             orig_net = build_network(replace(std.config, pretrained=True)).eval()
-            o_outs = run_outputs(orig_net, splits, ("train", "val", "test"), True, clock)
+            o_outs = run_outputs(orig_net, splits, ("train", "val", "test"), True, clock, baseline_pooling(orig_net))
             o_probes = fit_probes(o_outs, num_classes, clock, regime.probe_Cs)
             res["ORIG"] = exit_record(o_probes["val_logits"], yv, o_probes["test_logits"], yt, C=o_probes["C"])
             res["ORIG+ens"] = ensemble_record(o_probes["val_logits"], yv, o_probes["test_logits"], yt)
@@ -1109,6 +1123,8 @@ INVESTIGATION: dict[str, dict[str, Any]] = {
     # Head capacity: global pooling (paper's AVG) instead of the 4x4 grid leaves early exits far less
     # information, i.e. more room for jointly trained features to matter.
     "head avg": {"model.head": "avg"},
+    # Head strength: an MSDNet-style 3x3 conv + BN + ReLU before the 4x4 grid (bench/results/conv_head.md).
+    "head conv": {"model.head": "conv"},
 }
 
 
@@ -1138,7 +1154,7 @@ def investigate(regime: Regime, seed: int, work: Path, clock: Clock, schemes: tu
     def ft_record(overrides: dict[str, Any], tag: str) -> dict[str, Any]:
         if tag not in ft_cache:
             loaded = load_trained(regime, run("STD", False, overrides, tag), splits, clock)
-            outs = run_outputs(loaded.net, splits, ("train", "val", "test"), True, clock)
+            outs = run_outputs(loaded.net, splits, ("train", "val", "test"), True, clock, baseline_pooling(loaded.net))
             p = fit_probes(outs, loaded.config.num_classes, clock, regime.probe_Cs)
             ft_cache[tag] = exit_record(p["val_logits"], outs["val"].labels, p["test_logits"], outs["test"].labels)
         return ft_cache[tag]
@@ -1190,6 +1206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=list(INVESTIGATION), metavar="NAME",
                         help=f"with --investigate: only these variants ({'; '.join(INVESTIGATION)})")
     parser.add_argument("--epochs", type=int, help="override the plan's epochs (all regimes)")
+    parser.add_argument("--head", choices=list_heads(),
+                        help="override the plan's EP head kind (all regimes, FT's STD network too; the FT/ORIG "
+                             "probes of conv heads read avg4x4 features); give it its own --work to keep both")
     parser.add_argument("--reuse-lr", action="store_true",
                         help="FT's and PAPER's learning rates as the earlier full run chose them on val at seed 0 "
                              f"({PRIOR_LR}; bench/results/paper_reproduction.md) instead of the grids")
@@ -1217,6 +1236,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = copy.deepcopy(PLANS["quick" if args.quick else "full"])
     if args.epochs:
         plan = {k: replace(v, epochs=args.epochs) for k, v in plan.items()}
+    if args.head:
+        plan = {k: replace(v, head=args.head) for k, v in plan.items()}
     if args.reuse_lr:
         plan = {k: replace(v, lr_grid_ft=(PRIOR_LR[k]["FT"],), lr_grid_ours=(PRIOR_LR[k]["OURS"],))
                 if k in PRIOR_LR else v for k, v in plan.items()}
