@@ -814,6 +814,7 @@ class ImpatientNode(LifecycleNode):
         # Stopping (deactivate): frames still in flight end here with their last exit as final.
         for name, run in scheduler.in_flight().items():
             camera = cameras[name]
+            run.quiet = False  # no re-measuring probe while stopping
             try:
                 run.expire()
             except Exception:  # noqa: BLE001 - stopping anyway
