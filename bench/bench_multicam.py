@@ -16,6 +16,11 @@ Prints and writes measured figures (not a test; nothing is asserted). Three part
 3. **Node RSS** (``--node-rss``): real ``impatient_node`` processes, one with
    ``cameras`` of N names and one single-camera node, resident memory once
    active and idle (no frames: the model, torch and rclpy dominate).
+4. **Node load** (``--node-load``): real node processes over DDS, N camera
+   streams from this process into one node with ``cameras`` and into N
+   single-camera nodes: per camera hit rate (final answer's latency from the
+   image stamp within the budget), answered share, mean exit; the node
+   processes' CPU time and RSS.
 
 Per camera: deadline hit rate (final answer ready by the deadline, over all
 frames the camera produced, dropped ones included), answered share (a final
@@ -266,6 +271,120 @@ def node_rss(cameras: int, timeout: float = 120.0) -> dict:
     return {"cameras": cameras, "rss_mib": rss}
 
 
+def _start_node(ns: str, cameras: list[str], budget_ms: float) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+               PYTHONPATH=str(REPO))
+    args = [sys.executable, "-m", "impatient_ros.ros.node", "--ros-args", "-p", "device:=cpu",
+            "-p", "vision_msgs:=disabled", "-p", f"default_budget_ms:={budget_ms}", "-p", "reference_time:=stamp",
+            "-p", "image_reliability:=reliable", "-r", f"__ns:={ns}"]
+    if cameras:
+        args += ["-p", "cameras:=[" + ", ".join(cameras) + "]"]
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+
+
+def node_load(cameras: int, separate: bool, seconds: float, rate: float, budget_ms: float) -> dict:
+    """Real node processes over DDS: ``cameras`` camera streams at ``rate`` Hz into one node or N nodes.
+
+    Images (28x28 mono8, reliable, stamped at publication; the node counts its budget from the stamp)
+    come from this process; a frame is in time when its final StagePrediction's latency is within
+    its budget. CPU time and VmRSS are the node processes' own (their sum for N nodes).
+    """
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from impatient_ros.msg import StagePrediction
+    from impatient_ros.ros.image_convert import array_to_image_fields
+
+    names = [f"cam{i}" for i in range(cameras)]
+    tag = f"load{os.getpid()}_{cameras}_{int(separate)}"
+    if separate:   # what users run today: one single-camera node per camera
+        procs = [_start_node(f"/{tag}_{name}", [], budget_ms) for name in names]
+        image_topics = [f"/{tag}_{name}/image" for name in names]
+        result_topics = [f"/{tag}_{name}/impatient_node/prediction" for name in names]
+    else:
+        procs = [_start_node(f"/{tag}", names, budget_ms)]
+        image_topics = [f"/{tag}/{name}/image" for name in names]
+        result_topics = [f"/{tag}/impatient_node/{name}/prediction" for name in names]
+    rclpy.init()
+    node = rclpy.create_node(f"bench_{tag}")
+    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    pubs = [node.create_publisher(Image, t, qos) for t in image_topics]
+    finals: list[dict[str, tuple[float, float, int]]] = [{} for _ in names]
+
+    def on_result(i: int, msg) -> None:
+        if msg.is_final:
+            latency = msg.latency.sec + msg.latency.nanosec * 1e-9
+            budget = msg.budget.sec + msg.budget.nanosec * 1e-9
+            finals[i][msg.header.frame_id] = (latency, budget, msg.stage)
+
+    for i, topic in enumerate(result_topics):
+        node.create_subscription(StagePrediction, topic, lambda m, i=i: on_result(i, m), qos)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    image = np.random.default_rng(0).integers(0, 256, size=(28, 28), dtype=np.uint8)
+    fields = array_to_image_fields(image, "mono8")
+
+    def publish(i: int, frame_id: str) -> None:
+        msg = Image(**fields)
+        msg.header.frame_id = frame_id
+        msg.header.stamp = node.get_clock().now().to_msg()
+        pubs[i].publish(msg)
+
+    try:
+        # Ready once every camera answered a warm-up frame (the node is active and matched both ways).
+        started = time.monotonic()
+        k = 0
+        while not all(any(f.startswith("w") for f in finals[i]) for i in range(cameras)):
+            if time.monotonic() - started > 240:
+                raise RuntimeError("nodes did not answer")
+            for i in range(cameras):
+                if not any(f.startswith("w") for f in finals[i]):
+                    publish(i, f"w{k}")
+            k += 1
+            executor.spin_once(timeout_sec=0.5)
+        time.sleep(1.0)
+        cpu0 = sum(_cpu_s(p.pid) for p in procs)
+        period = 1.0 / rate
+        phases = np.random.default_rng(cameras).uniform(0.0, period, cameras)
+        t0 = time.monotonic() + 0.1
+        sent = [0] * cameras
+        next_at = [t0 + ph for ph in phases]
+        while time.monotonic() < t0 + seconds:
+            i = int(np.argmin(next_at))
+            while (wait := next_at[i] - time.monotonic()) > 0:
+                executor.spin_once(timeout_sec=min(wait, 0.005))
+            publish(i, f"f{sent[i]}")
+            sent[i] += 1
+            next_at[i] += period
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.05)
+        cpu = sum(_cpu_s(p.pid) for p in procs) - cpu0
+        rss = sum(_vm_rss_mib(p.pid) for p in procs)
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    per_camera = []
+    for i in range(cameras):
+        got = [v for f, v in finals[i].items() if f.startswith("f")]
+        in_time = sum(1 for latency, budget, _ in got if budget == 0.0 or latency <= budget)
+        per_camera.append({"frames": sent[i], "answered_share": len(got) / sent[i], "hit_rate": in_time / sent[i],
+                           "mean_exit": float(np.mean([s for _, _, s in got])) if got else None})
+    return {"cameras": cameras, "setup": f"{cameras} nodes" if separate else "1 node", "cpu_s": cpu,
+            "rss_mib": rss, "per_camera": per_camera}
+
+
 def _vm_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -344,6 +463,19 @@ def markdown(data: dict) -> str:
         for row in data["node_rss"]:
             name = "single camera" if row["cameras"] == 0 else f"cameras: {row['cameras']} names"
             lines.append(f"| {name} | {row['rss_mib']:.0f} |")
+    if data.get("node_load"):
+        lines += ["", f"Real node processes over DDS (28x28 mono8 images, reliable, {data['rate']:g} Hz per camera, "
+                  f"{data['node_seconds']:g} s, budget {data['node_budget_ms']:g} ms from the image stamp, in "
+                  "time = the final answer's latency within it; CPU and RSS of the node processes):", "",
+                  "| cameras | setup | min hit rate | min answered | mean exit | node CPU [s] | node RSS [MiB] |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in data["node_load"]:
+            cams = row["per_camera"]
+            exits = [c["mean_exit"] for c in cams if c["mean_exit"] is not None]
+            lines.append(f"| {row['cameras']} | {row['setup']} | {min(c['hit_rate'] for c in cams):.4f} | "
+                         f"{min(c['answered_share'] for c in cams):.4f} | "
+                         f"{_fmt(float(np.mean(exits)) if exits else None, 2)} | {row['cpu_s']:.1f} | "
+                         f"{row['rss_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -367,6 +499,9 @@ def main() -> int:
                         help="model:N runs compared with N single-camera processes (fixed budget)")
     parser.add_argument("--node-rss", type=int, nargs="*", default=[1, 4],
                         help="camera counts whose node RSS is measured (besides the single-camera node)")
+    parser.add_argument("--node-load", type=int, nargs="*", default=[4],
+                        help="camera counts run through real nodes: one node with cameras vs N single nodes")
+    parser.add_argument("--node-seconds", type=float, default=8.0, help="measured seconds per node-load run")
     parser.add_argument("--quick", action="store_true", help="2 s runs, embedded 1 and 4 cameras, resnet18 on 2")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "multicam"), help="output stem")
     args = parser.parse_args()
@@ -407,6 +542,11 @@ def main() -> int:
     if args.node_rss:
         rss.append(node_rss(0))
         rss += [node_rss(n) for n in args.node_rss]
+    load = []
+    for n in args.node_load:
+        for separate in (False, True):
+            load.append(node_load(n, separate, args.node_seconds, args.rate, args.budget_ms))
+            print(f"node load: {load[-1]}", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     data = {"command": "python bench/bench_multicam.py " + " ".join(sys.argv[1:]),
@@ -414,7 +554,7 @@ def main() -> int:
                        f"{platform.python_version()}",
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
             "rate": args.rate, "seconds": args.seconds, "replay_seconds": args.replay_seconds, "runs": runs,
-            "node_rss": rss}
+            "node_rss": rss, "node_load": load, "node_seconds": args.node_seconds, "node_budget_ms": args.budget_ms}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(data))
