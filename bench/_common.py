@@ -124,3 +124,59 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     for row in text:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
     print()
+
+
+# --------------------------------------------------------------------------- node processes and the machine
+
+
+def machine_info() -> dict[str, object]:
+    """CPU model, core count, load average (1/5/15 min) and OMP_NUM_THREADS of this machine, now."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu_model": model, "cores": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()],
+            "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "(unset)")}
+
+
+def start_node_process(ros_args: Sequence[str], log_path: Path, extra_env: Mapping[str, str] | None = None):
+    """Start ``python -m impatient_ros.ros.node --ros-args <ros_args>`` from the repository root.
+
+    Output (unbuffered, ROS log lines included) goes to ``log_path``; the source
+    tree comes first on PYTHONPATH, as in bench/soak.py and the node tests.
+    Returns the Popen; stop it with :func:`stop_process`.
+    """
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RCUTILS_LOGGING_BUFFERED_STREAM="0", **(extra_env or {}))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "impatient_ros.ros.node", "--ros-args", *ros_args],
+                                cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_process(proc, timeout: float = 15.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout`` s; the exit status (None if it could not be reaped)."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                return None
+    return proc.returncode
