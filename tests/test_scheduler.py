@@ -274,3 +274,25 @@ def test_jobs_are_told_when_no_other_deadline_frame_is_in_flight():
     # a runs while b waits: never quiet; b's stages after a has gone are; a deadline-less frame does
     # not count (probes may delay it).
     assert a.quiet_seen == [False, False] and b.quiet_seen == [True, True] and free.quiet_seen == [True]
+
+
+def test_when_only_one_first_answer_fits_the_loss_rotates_between_cameras():
+    def answered(policy_clock_rounds: int) -> dict[str, int]:
+        clock, log = FakeClock(), []
+        sched = _scheduler(["early", "late"], clock)
+        got = {"early": 0, "late": 0}
+        for _ in range(policy_clock_rounds):
+            t0 = clock.now()
+            # Both arrive together; 8 ms first stages, deadlines 10 and 11 ms: only one of them fits.
+            jobs = {"early": ScriptedJob("early", clock, [8 * MS], t0 + 10 * MS, log),
+                    "late": ScriptedJob("late", clock, [8 * MS], t0 + 11 * MS, log)}
+            for name, job in jobs.items():
+                sched.add(name, job)
+            sched.drain()
+            for name, job in jobs.items():
+                got[name] += job.final_exit > 0
+            clock.advance(30 * MS)
+        return got
+
+    # Plain EDF would answer "early" every time; the unanswered streak lets "late" take every other one.
+    assert answered(10) == {"early": 5, "late": 5}

@@ -26,7 +26,13 @@ The rule (``policy="edf"``), applied before every stage at the time ``now``:
    quantile (p99) while stages mostly take their median, so plain EDF would
    spend the slack of the earliest frame on its deeper exits while a frame
    that arrived a moment later loses its only chance of an answer: one
-   camera of two with close phases went unanswered that way.
+   camera of two with close phases went unanswered that way. When two
+   images that both have no answer yet cannot both get one (the later one's
+   first stage no longer fits after the earlier one's; with deadlines in that
+   order the reverse order cannot work either), the source with more images
+   in a row left unanswered goes first, then EDF: under contention the loss
+   rotates between the cameras instead of falling on the one whose frames
+   arrive just after another's.
 4. **Idle slot.** Otherwise (no image with a deadline in flight) the
    deadline-less image waiting longest gets it.
 
@@ -99,6 +105,7 @@ class SourceStats:
     expired: int = 0     # images ended by rule 1 (their next stage no longer fitted)
     aged: int = 0        # stages given by the aging rule (deadline-less images only)
     finished: int = 0    # images that left the scheduler (any reason)
+    unanswered_streak: int = 0  # images in a row that ended without any answer (rule 3's tie-break)
 
 
 @dataclass(frozen=True)
@@ -201,12 +208,18 @@ class StageScheduler:
                 return item[1].job.deadline, item[1].seq
 
             chosen, slot = min(timed, key=edf)
-            if slot.job.answered:  # answers first (rule 3): its deeper stage must not cost another's first
-                after = now + slot.job.next_cost
-                at_risk = [(s, other) for s, other in timed
-                           if s != chosen and not other.job.answered and not other.job.fits(after)]
-                if at_risk:
-                    chosen = min(at_risk, key=edf)[0]
+            after = now + slot.job.next_cost
+            at_risk = [(s, other) for s, other in timed
+                       if s != chosen and not other.job.answered and not other.job.fits(after)]
+            if at_risk and slot.job.answered:  # answers first (rule 3): a deeper stage never costs a first one
+                chosen = min(at_risk, key=edf)[0]
+            elif at_risk:  # only one of these first answers fits: the longest unanswered source first
+                streak = self.stats
+
+                def fair(item: tuple[Hashable, _Slot]) -> tuple[int, float, int]:
+                    return (-streak[item[0]].unanswered_streak, *edf(item))
+
+                chosen = min([(chosen, slot), *at_risk], key=fair)[0]
             return expire, chosen
         return expire, min(free, key=lambda item: (item[1].waiting_since, item[1].seq))[0]
 
@@ -232,6 +245,7 @@ class StageScheduler:
                 raise
             finished.append((source, slot.job))
             self.last_finished[source] = slot.job
+            self._count_answer(source, slot.job)
         if chosen is None:
             return StepOutcome(None, tuple(finished), tuple(expire))
         slot = self._slots[chosen]
@@ -254,7 +268,12 @@ class StageScheduler:
             stats.finished += 1
             finished.append((chosen, slot.job))
             self.last_finished[chosen] = slot.job
+            self._count_answer(chosen, slot.job)
         return StepOutcome(chosen, tuple(finished), tuple(expire))
+
+    def _count_answer(self, source: Hashable, job: StageJob) -> None:
+        stats = self.stats[source]
+        stats.unanswered_streak = 0 if job.answered or job.deadline is None else stats.unanswered_streak + 1
 
     def _quiet(self, source: Hashable) -> bool:
         """No image with a deadline in flight besides ``source``'s (and none expiring)."""
