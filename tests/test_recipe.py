@@ -21,7 +21,7 @@ from impatient_ros.runtime.model import NetConfig, build_network
 from training.baselines import fit_exit_probes
 from training.ensemble import fit_geometric_ensemble
 from training.features import collect_outputs
-from training.probes import linear_probe_start, refit_heads
+from training.probes import linear_probe_start, probe_exits, refit_heads
 
 CLASSES = [f"c{i}" for i in range(4)]
 GRAY = {"input_size": [16, 16], "channels": "gray", "mean": [0.0], "std": [1.0]}
@@ -102,6 +102,24 @@ def test_refit_head_equals_a_probe_on_the_same_features() -> None:
         else:  # kept only where val said the trained head is at least as good
             assert report["val_head_accuracy"][k] >= report["val_probe_accuracy"][k]
     assert any(report["refit"])
+
+
+def test_own_classifier_last_exit_keeps_its_weights_and_the_ep_heads_are_fitted() -> None:
+    # The paper's last exit is the backbone's own output layer, not an EP head: a probe cannot be
+    # written into it, so the LP-FT start and the refit leave it alone instead of failing.
+    torch.manual_seed(0)
+    net = build_network(NetConfig("resnet18", 4, in_channels=3, input_size=(32, 32), own_classifier_last=True)).eval()
+    rng = np.random.default_rng(6)
+    train = TensorDataset(torch.from_numpy(rng.normal(size=(48, 3, 32, 32)).astype(np.float32)), torch.arange(48) % 4)
+    val = TensorDataset(torch.from_numpy(rng.normal(size=(24, 3, 32, 32)).astype(np.float32)), torch.arange(24) % 4)
+    own = {name: p.clone() for name, p in net.heads[-1].state_dict().items()}
+    assert probe_exits(net) == [0, 1, 2]
+    start = linear_probe_start(net, train, val, Cs=(1.0,))
+    assert start["chosen_C"] == [1.0, 1.0, 1.0, None] and len(start["val_accuracy"]) == 4
+    report = refit_heads(net, train, val, Cs=(1.0,))
+    assert report["refit"][3] is False and report["chosen_C"][3] is None and report["val_probe_accuracy"][3] is None
+    for name, p in net.heads[-1].state_dict().items():
+        torch.testing.assert_close(p, own[name], rtol=0, atol=0)
 
 
 def test_refit_keeps_a_head_that_is_better_on_val() -> None:

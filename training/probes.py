@@ -47,8 +47,8 @@ from impatient_ros.runtime.heads import ConvHead
 from .baselines import DEFAULT_CS, BaselineError, ExitProbes, LinearProbe, fit_exit_probes
 from .features import collect_outputs
 
-__all__ = ["head_statistics", "set_head_from_probe", "settle_conv_norms", "fit_head_probes", "linear_probe_start",
-           "refit_heads"]
+__all__ = ["head_statistics", "set_head_from_probe", "settle_conv_norms", "probe_exits", "fit_head_probes",
+           "linear_probe_start", "refit_heads"]
 
 
 def head_statistics(net: Any, k: int, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,13 +127,34 @@ def settle_conv_norms(net: Any, dataset: Any, *, device: str | torch.device = "c
     return len(norms)
 
 
+def probe_exits(net: Any) -> list[int]:
+    """The exits (0-based) whose head a probe can be written into: every EP head (batch norm + Linear).
+
+    The backbone's own classifier as the last exit (``own_classifier_last``,
+    the paper's original output layer) is not one: it keeps its weights, and
+    the LP-FT start and the refit leave it as it is.
+    """
+    return [k for k, head in enumerate(net.heads)
+            if isinstance(getattr(head, "norm", None), nn.modules.batchnorm._BatchNorm)
+            and isinstance(getattr(head, "fc", None), nn.Linear)]
+
+
 def fit_head_probes(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
                     device: str | torch.device = "cpu", batch_size: int = 256) -> tuple[ExitProbes, dict[str, Any]]:
-    """Probes per exit on ``net``'s pooled features (C per exit on val); also the heads' own val logits."""
-    tr = collect_outputs(net, _loader(train_set, batch_size), device=device, features=True)
-    va = collect_outputs(net, _loader(val_set, batch_size), device=device, features=True)
-    probes = fit_exit_probes(tr.features, tr.labels, va.features, va.labels, Cs, num_classes=net.config.num_classes)
-    return probes, {"train": tr, "val": va}
+    """Probes on ``net``'s pooled features (C per exit on val) for the exits of :func:`probe_exits`.
+
+    The probes come in the order of ``outs["exits"]``; ``outs["train"]`` and
+    ``outs["val"]`` hold every exit's logits (the heads' own answers) and the
+    features of those exits.
+    """
+    exits = probe_exits(net)
+    if not exits:
+        raise BaselineError("the network has no EP head a probe can be written into")
+    tr = collect_outputs(net, _loader(train_set, batch_size), device=device, features=True, exits=exits)
+    va = collect_outputs(net, _loader(val_set, batch_size), device=device, features=True, exits=exits)
+    probes = fit_exit_probes([tr.features[k] for k in exits], tr.labels, [va.features[k] for k in exits], va.labels,
+                             Cs, num_classes=net.config.num_classes)
+    return probes, {"train": tr, "val": va, "exits": exits}
 
 
 def linear_probe_start(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
@@ -144,9 +165,14 @@ def linear_probe_start(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[f
     """
     settle_conv_norms(net, train_set, device=device, batch_size=batch_size)
     probes, outs = fit_head_probes(net, train_set, val_set, Cs=Cs, device=device, batch_size=batch_size)
-    for k, probe in enumerate(probes.probes):
+    va = outs["val"]
+    # An exit that keeps its head (the backbone's own classifier) starts at that head's val accuracy, C None.
+    chosen: list[float | None] = [None] * net.num_stages
+    accuracy = (va.logits.argmax(axis=2) == va.labels[None, :]).mean(axis=1).tolist()
+    for k, probe, c, acc in zip(outs["exits"], probes.probes, probes.chosen_C, probes.val_accuracy):
         set_head_from_probe(net, k, probe, outs["train"].features[k])
-    return {"chosen_C": probes.chosen_C, "val_accuracy": probes.val_accuracy}
+        chosen[k], accuracy[k] = c, acc
+    return {"chosen_C": chosen, "val_accuracy": accuracy}
 
 
 def refit_heads(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
@@ -161,11 +187,14 @@ def refit_heads(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] =
     probes, outs = fit_head_probes(net, train_set, val_set, Cs=Cs, device=device, batch_size=batch_size)
     va = outs["val"]
     head_acc = (va.logits.argmax(axis=2) == va.labels[None, :]).mean(axis=1)
-    refit = []
-    for k, probe in enumerate(probes.probes):
-        better = probes.val_accuracy[k] > head_acc[k]
-        if better:
+    # Exits without an EP head (the backbone's own classifier) are never refit: C and probe accuracy None.
+    refit = [False] * net.num_stages
+    chosen: list[float | None] = [None] * net.num_stages
+    probe_acc: list[float | None] = [None] * net.num_stages
+    for k, probe, c, acc in zip(outs["exits"], probes.probes, probes.chosen_C, probes.val_accuracy):
+        chosen[k], probe_acc[k] = c, acc
+        if acc > head_acc[k]:
             set_head_from_probe(net, k, probe, outs["train"].features[k])
-        refit.append(bool(better))
-    return {"refit": refit, "chosen_C": probes.chosen_C, "val_probe_accuracy": probes.val_accuracy,
+            refit[k] = True
+    return {"refit": refit, "chosen_C": chosen, "val_probe_accuracy": probe_acc,
             "val_head_accuracy": head_acc.tolist()}
