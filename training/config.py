@@ -202,6 +202,10 @@ class TrainConfig:
     # ensembles, each kept only where validation supports it; "paper": Amthor et al. as published
     # (training.recipe).
     recipe: str = "impatient"
+    # Impatient recipe: the post-hoc head refit fits its probes on at most this many training images per class
+    # (a seeded random subset; None = all). Probe fitting grows with images x feature size; on the full
+    # Fashion-MNIST training set it costs minutes of CPU (bench/train_default.py).
+    refit_train_per_class: int | None = None
 
     # ------------------------------------------------------------------ dict round trip
     def to_dict(self) -> dict[str, Any]:
@@ -301,6 +305,9 @@ class TrainConfig:
 
         _choice(self.amp, AMP_MODES, "AMP mode")
         _choice(self.recipe, RECIPES, "recipe")
+        if self.refit_train_per_class is not None and (isinstance(self.refit_train_per_class, bool)
+                                                       or self.refit_train_per_class < 1):
+            raise ConfigError(f"refit_train_per_class must be None or >= 1, got {self.refit_train_per_class!r}")
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
                                                            and self.device[5:].isdigit())):
             raise ConfigError(f"unknown device {self.device!r}; valid devices: auto, cpu, cuda, cuda:N")
@@ -539,6 +546,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction)
     opt(g, "--recipe", None, "recipe", "impatient (LP-FT start when pretrained, joint fine-tuning, head refit, "
         "exit ensemble; every lever chosen on val) or paper (the published recipe)", metavar="NAME")
+    opt(g, "--refit-train-per-class", None, "refit_train_per_class", "impatient recipe: fit the head-refit probes "
+        "on at most N training images per class (seeded random subset; default: all)", type=int, metavar="N")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -18,7 +18,8 @@ budget weights, the epoch best on validation is kept. Nothing else.
 2. Joint budget-weighted fine-tuning (as in ``paper``).
 3. Post-hoc refit of the chosen checkpoint: exit k's head becomes the
    val-tuned probe on the final features where that is strictly better on
-   validation (``training.probes.refit_heads``).
+   validation (``training.probes.refit_heads``); the probes see at most
+   ``refit_train_per_class`` training images per class (all by default).
 4. Exit ensembles: per exit, weighted geometric mean of exits 1..k, weights
    fitted on validation and kept per exit only where validation accuracy
    does not drop (``training.ensemble``); stored as ``checkpoint["ensemble"]``.
@@ -42,7 +43,7 @@ from torch import nn
 
 from .baselines import DEFAULT_CS
 
-__all__ = ["RECIPES", "uses_lp_start", "frozen_norms", "lp_start", "finalize", "finalize_run_dir"]
+__all__ = ["RECIPES", "uses_lp_start", "frozen_norms", "lp_start", "per_class_subset", "finalize", "finalize_run_dir"]
 
 RECIPES: tuple[str, ...] = ("impatient", "paper")
 
@@ -69,6 +70,21 @@ def _plain_train_set(run: Any, preprocessing: dict[str, Any] | None = None) -> A
         return run.bundle.train
     pre = preprocessing or run.bundle.preprocessing
     return _load_bundle(run.cfg, mean=pre["mean"], std=pre["std"], augmentation="none").train
+
+
+def per_class_subset(dataset: Any, limit: int | None, seed: int = 0) -> Any:
+    """At most ``limit`` images per class of ``dataset`` (seeded random choice, in dataset order); all when None."""
+    if limit is None:
+        return dataset
+    from torch.utils.data import Subset
+
+    labels = np.asarray(dataset.targets)
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[: int(limit)] for c in np.unique(labels)]
+    idx = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+    if idx.size == labels.size:
+        return dataset
+    return Subset(dataset, idx.tolist())
 
 
 def lp_start(run: Any) -> dict[str, Any] | None:
@@ -102,7 +118,10 @@ def finalize(run: Any) -> dict[str, Any] | None:
     loaded = load_checkpoint(path, map_location=run.device)
     net = loaded.net
     val = run.bundle.val
-    refit = refit_heads(net, _plain_train_set(run, loaded.preprocessing), val, Cs=DEFAULT_CS, device=run.device)
+    refit_train = per_class_subset(_plain_train_set(run, loaded.preprocessing),
+                                   getattr(run.cfg, "refit_train_per_class", None), run.cfg.seed)
+    refit = refit_heads(net, refit_train, val, Cs=DEFAULT_CS, device=run.device)
+    refit["train_images"] = len(refit_train)
     out = collect_outputs(net, DataLoader(val, batch_size=256, shuffle=False), device=run.device)
     spec, ens = fit_geometric_ensemble(out.logits, out.labels)
     val_acc = (out.logits.argmax(axis=2) == out.labels[None, :]).mean(axis=1)
