@@ -923,6 +923,29 @@ def test_ensemble_changes_the_published_answer(checkpoint_path, mode):
     assert apriori.ensemble and apriori.class_id == own[0].class_id
 
 
+# Exits 1-2 alone (as validation often keeps them), exits 3-4 real geometric combinations.
+_MIXED = {"kind": "geometric", "weights": [[1.0], [0.0, 1.0], [0.3, 0.0, 0.9], [0.2, 0.4, 0.5, 1.1]]}
+
+
+@pytest.mark.parametrize("mode", ["anytime", "apriori"])
+def test_ensemble_answers_equal_the_core_rule(checkpoint_path, image, mode):
+    # The engine skips the rows that are an exit alone and combines only the exits a row reads;
+    # every published answer must still equal impatient_ros.core.ensemble's rule on the own answers.
+    from impatient_ros.core.ensemble import combine_probabilities
+
+    own = _engine(load_checkpoint(checkpoint_path), use_ensemble=False).run(image, "gray").results
+    expected = combine_probabilities(np.stack([r.probs for r in own]), _MIXED["weights"])
+    ens = _engine(_with_ensemble(load_checkpoint(checkpoint_path), _MIXED))
+    if mode == "anytime":
+        answers = [r.probs for r in ens.run(image, "gray").results]
+    else:
+        answers = [ens.run(image, "gray", mode="apriori", max_stage=k).final.probs for k in range(1, 5)]
+    for k, probs in enumerate(answers):
+        assert probs.dtype == np.float32
+        np.testing.assert_allclose(probs, expected[k], atol=1e-6)
+    assert not np.allclose(expected[3], own[3].probs, atol=1e-3)  # the combination does change exit 4
+
+
 def test_ensemble_cascade_stops_on_the_combined_ratio(checkpoint_path, image):
     ens = _engine(_with_ensemble(load_checkpoint(checkpoint_path), _ECHO_EXIT_1))
     own = _engine(load_checkpoint(checkpoint_path), use_ensemble=False).run(image, "gray").results

@@ -290,6 +290,17 @@ class StagedEngine:
             [np.asarray(row, dtype=np.float64) for row in validate_ensemble(spec, self.num_stages)["weights"]])
         self.use_ensemble = self.ensemble_weights is not None
         self._own_log_probs: list[np.ndarray | None] = [None] * self.num_stages  # this run's exits, own answers
+        # Per exit, the exits its row combines (non-zero weights) and their weights; () for a row that is
+        # the exit alone (validation kept the ensemble off there), which then answers with its own
+        # probabilities. Exit j's log-probabilities are only computed when a later row reads them.
+        self._ensemble_terms: list[tuple[tuple[int, ...], np.ndarray]] = []
+        self._log_needed: list[bool] = [False] * self.num_stages
+        for k, row in enumerate(self.ensemble_weights or []):
+            alone = row[k] == 1.0 and not np.any(row[:k])
+            support = () if alone else tuple(int(j) for j in np.flatnonzero(row))
+            self._ensemble_terms.append((support, row[list(support)] if support else row))
+            for j in support:
+                self._log_needed[j] = True
         dtype = torch.float16 if fp16 else torch.float32
         self.preprocessor = Preprocessor(checkpoint.preprocessing, self.device, dtype=dtype)
         self.input_size = self.preprocessor.input_size
@@ -656,7 +667,7 @@ class StagedEngine:
             self._record(out)
             blocks += out.block_s
             head_s += out.head_s
-            if out.stage < k:  # exit k's own answer is kept when its result is built
+            if out.stage < k and self._log_needed[out.stage]:  # exit k's own answer is kept when its result is built
                 self._own_log_probs[out.stage] = np.log(np.maximum(out.probs, _ENSEMBLE_EPS))
         assert out is not None
         return StageOutput(k, out.probs, blocks, head_s, out.ready_time)
@@ -670,8 +681,14 @@ class StagedEngine:
         """
         k = out.stage
         own = self._own_log_probs
-        own[k] = np.log(np.maximum(out.probs, _ENSEMBLE_EPS))
-        z = self.ensemble_weights[k] @ np.stack(own[: k + 1])
+        if self._log_needed[k]:
+            own[k] = np.log(np.maximum(out.probs, _ENSEMBLE_EPS))
+        support, weights = self._ensemble_terms[k]
+        if not support:  # the row is exit k alone: its own answer, no per-exit numpy work
+            return out.probs
+        z = weights[0] * own[support[0]]
+        for w, j in zip(weights[1:], support[1:]):
+            z = z + w * own[j]
         z -= z.max()
         p = np.exp(z)
         return (p / p.sum()).astype(np.float32)
