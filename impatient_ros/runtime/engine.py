@@ -298,7 +298,7 @@ class StagedEngine:
         for k, row in enumerate(self.ensemble_weights or []):
             alone = row[k] == 1.0 and not np.any(row[:k])
             support = () if alone else tuple(int(j) for j in np.flatnonzero(row))
-            self._ensemble_terms.append((support, row[list(support)] if support else row))
+            self._ensemble_terms.append((support, row[list(support)]))
             for j in support:
                 self._log_needed[j] = True
         dtype = torch.float16 if fp16 else torch.float32
@@ -450,10 +450,8 @@ class StagedEngine:
         ERROR, then the error propagates). The preprocessing time counts against
         the deadline.
         """
-        began = self.clock()
-        with self._device_scope(), torch.inference_mode():
-            x = self.preprocessor(image, channel_order)
-        return self._run(x, began, deadline, mode, max_stage, cascade_threshold, on_result)
+        return self._run(self.start_run(image, channel_order, deadline=deadline, mode=mode, max_stage=max_stage,
+                                        cascade_threshold=cascade_threshold, on_result=on_result))
 
     def run_tensor(
         self,
@@ -466,12 +464,8 @@ class StagedEngine:
         on_result: Callable[[StageResult], Any] | None = None,
     ) -> RunReport:
         """:meth:`run` on an already preprocessed ``(1, C, H, W)`` tensor (benchmarks, tests)."""
-        began = self.clock()
-        expected = self.preprocessor.output_shape
-        if tuple(x.shape) != expected:
-            raise EngineError(f"input must have shape {expected}, got {tuple(x.shape)}")
-        x = x.to(self.device, self.preprocessor.dtype)
-        return self._run(x, began, deadline, mode, max_stage, cascade_threshold, on_result)
+        return self._run(self.start_run_tensor(x, deadline=deadline, mode=mode, max_stage=max_stage,
+                                               cascade_threshold=cascade_threshold, on_result=on_result))
 
     def start_run(
         self,
@@ -531,10 +525,8 @@ class StagedEngine:
         threshold = cascade_threshold if mode is Mode.CASCADE else math.inf
         return StagedRun(self, x, report, cap, threshold, on_result)
 
-    def _run(self, x: torch.Tensor, began: float, deadline: float | None, mode: Mode | str,
-             max_stage: int | None, cascade_threshold: float,
-             on_result: Callable[[StageResult], Any] | None) -> RunReport:
-        run = self._new_run(x, began, deadline, mode, max_stage, cascade_threshold, on_result)
+    def _run(self, run: StagedRun) -> RunReport:
+        """Step ``run`` to its end (on CUDA in anytime mode with stages queued ahead) and return its report."""
         report = run.report
         pause_gc = not self.gc_during_run and gc.isenabled()
         if pause_gc:  # a collection inside a stage is a pause the admission does not expect (class note)
