@@ -662,14 +662,12 @@ class ImpatientNode(LifecycleNode):
     def _process(self, frame: _Frame) -> None:
         from impatient_ros.runtime.preprocess import PreprocessError
 
-        engine, settings = self._engine, self._settings
+        engine = self._engine
         job = self._prepare(frame, self._single)
         if job is None or engine is None:
             return
         try:
-            report = engine.run(job.image.array, job.image.channel_order, deadline=job.deadline,
-                                mode=settings.mode, max_stage=job.cap or None,
-                                cascade_threshold=settings.cascade_threshold, on_result=job.publish)
+            report = engine.run(job.image.array, job.image.channel_order, **self._run_options(job))
         except PreprocessError as exc:
             self._preprocess_failed(job.camera, exc)
             return
@@ -677,6 +675,12 @@ class ImpatientNode(LifecycleNode):
         # counts and logs it; if an answer had gone out, the engine already handed publish() its final
         # STOP_ERROR repeat.
         self._finish(job, report)
+
+    def _run_options(self, job: _Job) -> dict[str, Any]:
+        """The engine's run arguments for ``job`` (StagedEngine.run and start_run take the same ones)."""
+        settings = self._settings
+        return {"deadline": job.deadline, "mode": settings.mode, "max_stage": job.cap or None,
+                "cascade_threshold": settings.cascade_threshold, "on_result": job.publish}
 
     def _prepare(self, frame: _Frame, camera: _Camera) -> _Job | None:
         """Decode a frame and fix its deadline and publishing; None when it is rejected (counted)."""
@@ -828,14 +832,12 @@ class ImpatientNode(LifecycleNode):
     def _start_job(self, scheduler: StageScheduler, camera: _Camera, frame: _Frame) -> None:
         from impatient_ros.runtime.preprocess import PreprocessError
 
-        engine, settings = self._engine, self._settings
+        engine = self._engine
         job = self._prepare(frame, camera)
         if job is None or engine is None:
             return
         try:
-            run = engine.start_run(job.image.array, job.image.channel_order, deadline=job.deadline,
-                                   mode=settings.mode, max_stage=job.cap or None,
-                                   cascade_threshold=settings.cascade_threshold, on_result=job.publish)
+            run = engine.start_run(job.image.array, job.image.channel_order, **self._run_options(job))
         except PreprocessError as exc:
             self._preprocess_failed(camera, exc)
             return
