@@ -42,6 +42,7 @@ __all__ = [
     "select_probe",
     "fit_exit_probes",
     "install_probe",
+    "is_probe_head",
 ]
 
 LOSSES: tuple[str, ...] = ("logistic", "squared_hinge")
@@ -227,6 +228,14 @@ class ExitProbes:
                 "val_scores": [{repr(c): a for c, a in s.items()} for s in self.val_scores]}
 
 
+def is_probe_head(head: Any) -> bool:
+    """A head a linear probe can be written into: batch norm, then a Linear layer (every EP head kind).
+
+    The backbone's own classifier as the last exit (``own_classifier_last``) is not one.
+    """
+    return hasattr(head, "norm") and hasattr(head, "fc")
+
+
 def install_probe(net: Any, k: int, probe: LinearProbe) -> None:
     """Write ``probe`` into exit ``k``'s EP head of ``net`` so the network's logits equal the probe's scores.
 
@@ -239,7 +248,7 @@ def install_probe(net: Any, k: int, probe: LinearProbe) -> None:
     from impatient_ros.runtime.heads import HEAD_KINDS
 
     head = net.heads[k]
-    if net.config.head not in HEAD_KINDS or not (hasattr(head, "norm") and hasattr(head, "fc")):
+    if net.config.head not in HEAD_KINDS or not is_probe_head(head):
         raise BaselineError(f"exit {k + 1} is not an EP head with batch norm and a Linear layer; cannot install")
     fc, norm = head.fc, head.norm
     if probe.weight.shape != tuple(fc.weight.shape):

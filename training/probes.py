@@ -44,7 +44,7 @@ from torch import nn
 
 from impatient_ros.runtime.heads import ConvHead
 
-from .baselines import DEFAULT_CS, BaselineError, ExitProbes, LinearProbe, fit_exit_probes
+from .baselines import DEFAULT_CS, BaselineError, ExitProbes, LinearProbe, fit_exit_probes, is_probe_head
 from .features import collect_outputs
 
 __all__ = ["head_statistics", "set_head_from_probe", "settle_conv_norms", "probe_exits", "fit_head_probes",
@@ -67,7 +67,7 @@ def head_statistics(net: Any, k: int, features: np.ndarray) -> tuple[np.ndarray,
 def set_head_from_probe(net: Any, k: int, probe: LinearProbe, features: np.ndarray) -> None:
     """Write ``probe`` into exit k's head; its batch norm gets the statistics of ``features`` (the probe's training features)."""
     head = net.heads[k]
-    if not (hasattr(head, "norm") and hasattr(head, "fc")):
+    if not is_probe_head(head):
         raise BaselineError(f"exit {k + 1} is not an EP head with batch norm and a Linear layer; cannot install")
     fc, norm = head.fc, head.norm
     if probe.weight.shape != tuple(fc.weight.shape):
@@ -128,15 +128,13 @@ def settle_conv_norms(net: Any, dataset: Any, *, device: str | torch.device = "c
 
 
 def probe_exits(net: Any) -> list[int]:
-    """The exits (0-based) whose head a probe can be written into: every EP head (batch norm + Linear).
+    """The exits (0-based) whose head a probe can be written into (``baselines.is_probe_head``).
 
     The backbone's own classifier as the last exit (``own_classifier_last``,
     the paper's original output layer) is not one: it keeps its weights, and
     the LP-FT start and the refit leave it as it is.
     """
-    return [k for k, head in enumerate(net.heads)
-            if isinstance(getattr(head, "norm", None), nn.modules.batchnorm._BatchNorm)
-            and isinstance(getattr(head, "fc", None), nn.Linear)]
+    return [k for k, head in enumerate(net.heads) if is_probe_head(head)]
 
 
 def fit_head_probes(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
