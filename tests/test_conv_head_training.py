@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from impatient_ros.runtime.checkpoint import load_checkpoint
 from impatient_ros.runtime.heads import ConvHead
@@ -22,14 +22,7 @@ from training.config import config_from_args
 from training.features import collect_outputs, pool_features
 from training.probes import linear_probe_start, refit_heads, settle_conv_norms
 from training.trainer import train
-
-
-def _data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    x = torch.randn(n, 1, 16, 16, generator=g) * 0.5
-    x[:, :, :8, :8] += y.view(-1, 1, 1, 1).float() * 0.4  # a learnable signal
-    return TensorDataset(x, y)
+from tests.learnable_data import learnable_gray16
 
 
 def _net() -> torch.nn.Module:
@@ -51,9 +44,9 @@ def _conv_weights(net) -> list[torch.Tensor]:
 
 def test_conv_features_are_what_the_head_reads() -> None:
     net = _net()
-    out = _outs(net, _data(32, 1))
+    out = _outs(net, learnable_gray16(32, 1))
     assert out.pooling == "conv"
-    x = _data(32, 1).tensors[0]
+    x = learnable_gray16(32, 1).tensors[0]
     with torch.no_grad():
         h = x
         for k in range(net.num_stages):
@@ -70,7 +63,7 @@ def test_conv_features_are_what_the_head_reads() -> None:
 
 def test_refit_conv_head_is_a_probe_on_its_own_features_and_keeps_the_convolution() -> None:
     net = _net()  # untrained heads: near chance, so the probes win on val
-    train_set, val = _data(96, 3), _data(40, 4)
+    train_set, val = learnable_gray16(96, 3), learnable_gray16(40, 4)
     tr, va = _outs(net, train_set), _outs(net, val)
     convs = _conv_weights(net)
     probes = fit_exit_probes(tr.features, tr.labels, va.features, va.labels, (0.1, 1.0), num_classes=4)
@@ -91,7 +84,7 @@ def test_refit_conv_head_is_a_probe_on_its_own_features_and_keeps_the_convolutio
 
 def test_lp_start_settles_the_conv_norms_then_equals_the_probes() -> None:
     net = _net()
-    train_set, val = _data(96, 1), _data(40, 2)
+    train_set, val = learnable_gray16(96, 1), learnable_gray16(40, 2)
     # ORIG for conv heads: probes on the features of the (random) convolution with settled batch norm.
     assert settle_conv_norms(net, train_set) == net.num_stages
     tr, va = _outs(net, train_set), _outs(net, val)
@@ -139,7 +132,7 @@ def test_a_tiny_network_trains_with_conv_heads(tmp_path: Path) -> None:
 def test_conv_heads_fit_a_batch_in_a_few_steps() -> None:
     torch.manual_seed(0)
     net = build_network(NetConfig("smallcnn_tiny", 4, head="conv", in_channels=1, input_size=(16, 16))).train()
-    x, y = _data(32, 5).tensors
+    x, y = learnable_gray16(32, 5).tensors
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(15):

@@ -22,17 +22,10 @@ from training.baselines import fit_exit_probes
 from training.ensemble import fit_geometric_ensemble
 from training.features import collect_outputs
 from training.probes import linear_probe_start, probe_exits, refit_heads
+from tests.learnable_data import learnable_gray16
 
 CLASSES = [f"c{i}" for i in range(4)]
 GRAY = {"input_size": [16, 16], "channels": "gray", "mean": [0.0], "std": [1.0]}
-
-
-def _data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    x = torch.randn(n, 1, 16, 16, generator=g) * 0.5
-    x[:, :, :8, :8] += y.view(-1, 1, 1, 1).float() * 0.4  # a learnable signal
-    return TensorDataset(x, y)
 
 
 def _net(head: str) -> torch.nn.Module:
@@ -50,7 +43,7 @@ def _outs(net, ds, features=True):
 @pytest.mark.parametrize("head", ["avg4x4", "avg", "fc"])
 def test_lp_start_equals_the_probes_of_the_frozen_network(head: str) -> None:
     net = _net(head)
-    train, val = _data(96, 1), _data(40, 2)
+    train, val = learnable_gray16(96, 1), learnable_gray16(40, 2)
     # ORIG: probes on the frozen network's pooled features, C per exit on val.
     tr, va = _outs(net, train), _outs(net, val)
     Cs = (0.01, 1.0)
@@ -71,7 +64,7 @@ def test_lp_start_head_batch_norm_holds_the_training_statistics() -> None:
     # In training mode the head normalises with batch statistics; on the full training set they equal the
     # running ones, so the head's output does not jump when fine-tuning starts.
     net = _net("avg4x4")
-    train, val = _data(96, 1), _data(40, 2)
+    train, val = learnable_gray16(96, 1), learnable_gray16(40, 2)
     linear_probe_start(net, train, val, Cs=(1.0,))
     x = train.tensors[0]
     with torch.no_grad():
@@ -89,7 +82,7 @@ def test_lp_start_head_batch_norm_holds_the_training_statistics() -> None:
 
 def test_refit_head_equals_a_probe_on_the_same_features() -> None:
     net = _net("avg4x4")  # untrained heads: near chance, so every probe wins on val
-    train, val = _data(96, 3), _data(40, 4)
+    train, val = learnable_gray16(96, 3), learnable_gray16(40, 4)
     tr, va = _outs(net, train), _outs(net, val)
     probes = fit_exit_probes(tr.features, tr.labels, va.features, va.labels, (0.1, 1.0), num_classes=4)
     report = refit_heads(net, train, val, Cs=(0.1, 1.0))
@@ -124,7 +117,7 @@ def test_own_classifier_last_exit_keeps_its_weights_and_the_ep_heads_are_fitted(
 
 def test_refit_keeps_a_head_that_is_better_on_val() -> None:
     net = _net("avg4x4")
-    train, val = _data(96, 3), _data(40, 4)
+    train, val = learnable_gray16(96, 3), learnable_gray16(40, 4)
     linear_probe_start(net, train, val, Cs=(1.0,))  # heads already are the C=1 probes
     before = _outs(net, val, features=False).logits
     report = refit_heads(net, train, val, Cs=(1.0,))

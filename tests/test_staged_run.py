@@ -35,15 +35,15 @@ def checkpoint_path(tmp_path_factory):
     return save_checkpoint(path, net, class_names=[f"c{i}" for i in range(10)], preprocessing=PREPROCESSING)
 
 
-def _engine(checkpoint_path) -> tuple[StagedEngine, FakeClock]:
+def _engine(checkpoint_path, probe_interval_s: float = 0.0) -> tuple[StagedEngine, FakeClock]:
     clock = FakeClock()
     timing = TimingModel(4)
     for _ in range(50):
         for k in range(4):
             timing.record(k, BLOCK_MS[k] * MS, HEAD_MS[k] * MS)
-    # No probes: they would add stages to the order under test (they are tested in test_engine.py).
+    # No probes by default: they would add stages to the order under test (they are tested in test_engine.py).
     engine = StagedEngine(load_checkpoint(checkpoint_path), "cpu", timing=timing, clock=clock.now,
-                          probe_interval_s=0.0)
+                          probe_interval_s=probe_interval_s)
     set_stage_costs(engine.net, clock, [b * MS for b in BLOCK_MS], [h * MS for h in HEAD_MS])
     return engine, clock
 
@@ -161,14 +161,7 @@ def test_interleaved_runs_keep_their_own_exits_for_the_ensemble(checkpoint_path)
 
 
 def test_a_run_ending_beside_another_deadline_frame_leaves_the_probe_for_later(checkpoint_path):
-    clock = FakeClock()
-    timing = TimingModel(4)
-    for _ in range(50):
-        for k in range(4):
-            timing.record(k, BLOCK_MS[k] * MS, HEAD_MS[k] * MS)
-    engine = StagedEngine(load_checkpoint(checkpoint_path), "cpu", timing=timing, clock=clock.now,
-                          probe_interval_s=0.02)   # the starvation probe on: deeper stages never ran
-    set_stage_costs(engine.net, clock, [b * MS for b in BLOCK_MS], [h * MS for h in HEAD_MS])
+    engine, clock = _engine(checkpoint_path, probe_interval_s=0.02)  # the starvation probe on: deeper stages never ran
     imgs = _images(2)
     t0 = clock.now()
     sched = StageScheduler(["a", "b"], clock.now)
