@@ -1,7 +1,8 @@
 """Shared test set-up.
 
 ROS 2 traffic stays on this host and in a domain of its own for each test
-session, so parallel runs (or a robot on the same network) never cross-talk.
+session and each of its pytest-xdist workers, so parallel runs (or a robot on
+the same network) never cross-talk.
 """
 
 from __future__ import annotations
@@ -18,9 +19,26 @@ if str(REPO) not in sys.path:  # the source modules are what we test
     sys.path.insert(0, str(REPO))
 
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-# Domain ids 0..101 are valid with the default port mapping; 0 is what
-# everybody uses, so pick another one per session.
-os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(1, 101)))
+
+
+def _session_domain_id() -> int:
+    """This session's DDS domain: never 0 (what everybody uses), one of its own per pytest-xdist worker.
+
+    Domain ids 1..101 are valid with the default port mapping. Without workers it is
+    ROS_DOMAIN_ID if set, else a random one. The workers of one run (scripts/test.sh
+    runs two) share the run's id (PYTEST_XDIST_TESTRUNUID) and take consecutive
+    domains from a base drawn from it (or from ROS_DOMAIN_ID), so their tests, which
+    use the same topic names, never hear each other.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    given = os.environ.get("ROS_DOMAIN_ID", "").strip()
+    if not worker.startswith("gw"):
+        return int(given) if given.isdigit() else random.Random(os.getpid()).randint(1, 101)
+    base = int(given) if given.isdigit() else random.Random(os.environ.get("PYTEST_XDIST_TESTRUNUID", "")).randint(1, 101)
+    return (base - 1 + int(worker[2:])) % 101 + 1
+
+
+os.environ["ROS_DOMAIN_ID"] = str(_session_domain_id())
 
 from impatient_ros.core.datasets import default_fashion_mnist_dir  # noqa: E402  (after the sys.path line)
 
