@@ -927,6 +927,20 @@ def test_ensemble_changes_the_published_answer(checkpoint_path, mode):
 _MIXED = {"kind": "geometric", "weights": [[1.0], [0.0, 1.0], [0.3, 0.0, 0.9], [0.2, 0.4, 0.5, 1.1]]}
 
 
+def test_answer_accuracy_follows_what_the_engine_publishes(checkpoint_path):
+    # The checkpoint's exit_accuracy is the heads' own ([0.7, 0.8, 0.85, 0.9]); with an ensemble
+    # answering, stage_accuracy must describe the ensemble's answers instead.
+    loaded = load_checkpoint(checkpoint_path)
+    assert _engine(loaded, use_ensemble=False).answer_accuracy == [0.7, 0.8, 0.85, 0.9]
+    known = dict(_MIXED, val_accuracy=[0.7, 0.8, 0.87, 0.93])
+    ens = _engine(_with_ensemble(load_checkpoint(checkpoint_path), known))
+    assert ens.answer_accuracy == [0.7, 0.8, 0.87, 0.93] and ens.exit_accuracy == [0.7, 0.8, 0.85, 0.9]
+    assert _engine(_with_ensemble(load_checkpoint(checkpoint_path), known), use_ensemble=False).answer_accuracy == \
+        [0.7, 0.8, 0.85, 0.9]
+    unknown = _engine(_with_ensemble(load_checkpoint(checkpoint_path), _MIXED)).answer_accuracy
+    assert unknown[:2] == [0.7, 0.8] and all(math.isnan(a) for a in unknown[2:])
+
+
 @pytest.mark.parametrize("mode", ["anytime", "apriori"])
 def test_ensemble_answers_equal_the_core_rule(checkpoint_path, image, mode):
     # The engine skips the rows that are an exit alone and combines only the exits a row reads;

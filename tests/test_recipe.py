@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from impatient_ros.core.ensemble import (
+    answer_accuracy,
     EnsembleError,
     combine_log_probs,
     combine_probabilities,
@@ -151,6 +152,25 @@ def test_validate_ensemble_refuses_bad_weights() -> None:
             validate_ensemble(bad)
     with pytest.raises(EnsembleError, match="2 weight rows"):
         validate_ensemble({"kind": "geometric", "weights": [[1.0], [1.0, 1.0]]}, 4)
+    # The ensemble's validation accuracy, when given: one fraction per exit.
+    rows = [[1.0], [0.5, 1.0]]
+    assert validate_ensemble({"kind": "geometric", "weights": rows, "val_accuracy": [0.5, 1]})["val_accuracy"] == [0.5, 1.0]
+    for bad in ([0.5], [0.5, 1.5], [0.5, float("nan")], [0.5, True], "0.5", [0.5, None]):
+        with pytest.raises(EnsembleError, match="val_accuracy"):
+            validate_ensemble({"kind": "geometric", "weights": rows, "val_accuracy": bad})
+
+
+def test_answer_accuracy_is_the_published_answers() -> None:
+    own = [0.6, 0.7, 0.8]
+    rows = [[1.0], [0.0, 1.0], [0.2, 0.3, 1.0]]
+    assert answer_accuracy(own, None, 3) == own  # no ensemble: each head's own
+    with_acc = {"kind": "geometric", "weights": rows, "val_accuracy": [0.6, 0.7, 0.85]}
+    assert answer_accuracy(own, with_acc, 3) == [0.6, 0.7, 0.85]
+    # A file without it: the rows that are an exit alone keep the head's accuracy, a combined row is unknown.
+    got = answer_accuracy(own, {"kind": "geometric", "weights": rows}, 3)
+    assert got[:2] == [0.6, 0.7] and np.isnan(got[2])
+    assert all(np.isnan(a) for a in answer_accuracy(None, None, 3))
+    assert np.isnan(answer_accuracy(None, {"kind": "geometric", "weights": rows}, 3)[0])
 
 
 def test_fitted_weights_lower_val_nll_and_keep_only_supported_rows() -> None:
@@ -161,6 +181,10 @@ def test_fitted_weights_lower_val_nll_and_keep_only_supported_rows() -> None:
     spec, report = fit_geometric_ensemble(logits, y)
     assert spec["kind"] == "geometric" and [len(r) for r in spec["weights"]] == [1, 2, 3]
     validate_ensemble(spec, 3)
+    # The spec carries the val accuracy of its own answers (what a node publishes as stage_accuracy).
+    assert spec["val_accuracy"] == report["val_accuracy"]
+    np.testing.assert_allclose(spec["val_accuracy"],
+                               (ensemble_log_probs(logits, spec).argmax(axis=2) == y[None, :]).mean(axis=1))
     for k, kept in enumerate(report["kept"]):
         assert report["val_accuracy"][k] >= report["val_plain_accuracy"][k]
         if not kept:

@@ -80,7 +80,8 @@ def fit_geometric_ensemble(val_logits: Any, val_labels: Any, *, require_gain: bo
             rows[k] = fitted[k]
         kept.append(bool(use))
     final_acc = ensemble_accuracy(z, y, rows)
-    spec = {"kind": "geometric", "weights": rows}
+    # val_accuracy: what a node publishes as stage_accuracy when it answers with this ensemble.
+    spec = {"kind": "geometric", "weights": rows, "val_accuracy": final_acc.tolist()}
     report = {"val_plain_accuracy": plain.tolist(), "val_fitted_accuracy": fitted_acc.tolist(),
               "val_accuracy": final_acc.tolist(), "kept": kept, "fitted_weights": fitted}
     return spec, report

@@ -6,7 +6,12 @@ training/evaluation and by the runtime engine alike.
 
 The checkpoint stores the weights as plain lists (``checkpoint["ensemble"]``)::
 
-    {"kind": "geometric", "weights": [[w_11], [w_21, w_22], ..., [w_K1, ..., w_KK]]}
+    {"kind": "geometric", "weights": [[w_11], [w_21, w_22], ..., [w_K1, ..., w_KK]],
+     "val_accuracy": [a_1, ..., a_K]}
+
+``val_accuracy`` (optional; files before it lack it) is the validation accuracy
+of every exit's ensemble answer, what a node publishes as ``stage_accuracy``
+when it answers with the ensemble (:func:`answer_accuracy`).
 
 Exit k's combined answer is ``softmax(sum_{j<=k} w_kj * log p_j)``, with
 ``p_j`` exit j's softmax probabilities. ``[0, ..., 0, 1]`` in row k is exit k
@@ -27,6 +32,7 @@ import numpy as np
 __all__ = [
     "ENSEMBLE_KINDS",
     "EnsembleError",
+    "answer_accuracy",
     "identity_weights",
     "validate_ensemble",
     "log_softmax",
@@ -77,7 +83,35 @@ def validate_ensemble(spec: Any, num_exits: int | None = None) -> dict[str, Any]
         clean.append(values)
     out = {key: value for key, value in spec.items() if key not in ("kind", "weights")}
     out.update(kind=kind, weights=clean)
+    if spec.get("val_accuracy") is not None:
+        accuracy = spec["val_accuracy"]
+        if (not isinstance(accuracy, (list, tuple)) or len(accuracy) != len(clean)
+                or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0
+                           for a in accuracy)):
+            raise EnsembleError(f"ensemble['val_accuracy'] must list one fraction in [0, 1] per exit "
+                                f"({len(clean)}), got {accuracy!r}")
+        out["val_accuracy"] = [float(a) for a in accuracy]
     return out
+
+
+def answer_accuracy(exit_accuracy: Sequence[float] | None, spec: Mapping[str, Any] | None,
+                    num_exits: int) -> list[float]:
+    """Validation accuracy of the answer published at every exit (NaN where unknown).
+
+    Without an ensemble that is each exit's own (``exit_accuracy``, the
+    checkpoint's). With one it is the ensemble's ``val_accuracy``; a file
+    without it still knows the rows that are the exit alone (their own
+    accuracy) but not the combined ones (NaN: a head's accuracy would
+    misdescribe a combined answer).
+    """
+    own = [float(a) for a in exit_accuracy] if exit_accuracy and len(exit_accuracy) == num_exits \
+        else [math.nan] * num_exits
+    if spec is None:
+        return own
+    spec = validate_ensemble(spec, num_exits)
+    if "val_accuracy" in spec:
+        return list(spec["val_accuracy"])
+    return [own[k] if row[k] > 0 and not any(row[:k]) else math.nan for k, row in enumerate(spec["weights"])]
 
 
 def log_softmax(logits: Any, axis: int = -1) -> np.ndarray:

@@ -12,7 +12,9 @@ Conventions:
   durations (a message published "before" an image stamped in the future)
   are clamped to zero.
 * ``budget`` zero means unlimited, as in the Budget message.
-* ``stage_accuracy`` is NaN when the checkpoint has no validation accuracy.
+* ``stage_accuracy`` is the validation accuracy of the answer published (the exit
+  ensemble's when it answers, see ``core.ensemble.answer_accuracy``), NaN when the
+  checkpoint does not know it.
 * ``ensemble`` is the result's: the answer combines exits 1..stage by the
   checkpoint's exit-ensemble weights (false when the result has no such field).
 * ``stop_reason`` takes the engine's ``StopReason`` value, which equals the
@@ -122,7 +124,7 @@ def resolve_labels(class_names: Sequence[str], override: Sequence[str] | None, n
 
 
 def stage_accuracy(exit_accuracy: Sequence[float] | None, stage: int) -> float:
-    """Validation accuracy of 1-based ``stage`` from the checkpoint's list, NaN if unknown."""
+    """Validation accuracy of 1-based ``stage`` from a per-exit list (the engine's ``answer_accuracy``), NaN if unknown."""
     if not exit_accuracy or not 1 <= stage <= len(exit_accuracy):
         return math.nan
     value = exit_accuracy[stage - 1]

@@ -714,7 +714,7 @@ class ImpatientNode(LifecycleNode):
         deadline = budget.deadline(ref.monotonic)
         cap = combine_stage_caps(settings.max_stage, budget.max_stage)
         self._seq += 1
-        seq, labels, accuracy, vision = self._seq, self._labels, engine.exit_accuracy, self._vision
+        seq, labels, accuracy, vision = self._seq, self._labels, engine.answer_accuracy, self._vision
         engine.admission_quantile = settings.admission_quantile
         engine.top_k = min(settings.top_k, engine.num_classes)
         published_at: list[float] = []

@@ -82,7 +82,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from impatient_ros.core.ensemble import validate_ensemble
+from impatient_ros.core.ensemble import answer_accuracy, validate_ensemble
 # The result types live in the torch-free core (the node's pure helpers and the tools use them);
 # they are re-exported here, so ``from impatient_ros.runtime.engine import StopReason`` keeps working.
 from impatient_ros.core.results import EngineError, Mode, RunReport, StageResult, StopReason
@@ -224,7 +224,8 @@ class StagedEngine:
 
     ``use_ensemble`` (default true): answer with the checkpoint's exit ensemble
     when it has one (module note); false, or a checkpoint without one, answers
-    with each exit's own probabilities.
+    with each exit's own probabilities. ``answer_accuracy`` is the validation
+    accuracy of what each exit answers (``exit_accuracy`` is the heads' own).
 
     ``gc_during_run=False`` (default) disables Python's cyclic garbage collector
     while a run executes and re-enables it after the run's answers and probes: a
@@ -289,6 +290,8 @@ class StagedEngine:
             None if spec is None else
             [np.asarray(row, dtype=np.float64) for row in validate_ensemble(spec, self.num_stages)["weights"]])
         self.use_ensemble = self.ensemble_weights is not None
+        # Validation accuracy of what exit k publishes (the ensemble's answer or the head's own; NaN unknown).
+        self.answer_accuracy: list[float] = answer_accuracy(self.exit_accuracy, spec, self.num_stages)
         self._own_log_probs: list[np.ndarray | None] = [None] * self.num_stages  # this run's exits, own answers
         # Per exit, the exits its row combines (non-zero weights) and their weights; () for a row that is
         # the exit alone (validation kept the ensemble off there), which then answers with its own
