@@ -11,11 +11,12 @@ cd "$IMPATIENT_REPO"
 # Two pytest-xdist workers by default (IMPATIENT_TEST_WORKERS, 0 = one process): most of
 # the suite's time is node processes importing torch and builds, one core at a time, so
 # two workers use both cores of a small machine. --dist loadfile keeps each test file in
-# one worker (module fixtures, such as a shared node process, are built once); each
-# worker has a DDS domain of its own (tests/conftest.py). An -n given here wins.
+# one worker (module fixtures, such as a shared node process, are built once), in the
+# collection order tests/conftest.py gives (longest files first); each worker has a DDS
+# domain of its own (tests/conftest.py). An -n given here wins.
 workers="${IMPATIENT_TEST_WORKERS:-2}"
 parallel=()
 if [[ "$workers" != 0 ]]; then
-  parallel=(-n "$workers" --dist loadfile)
+  parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 fi
 exec "$IMPATIENT_VENV/bin/python" -m pytest "${parallel[@]}" "$@"
