@@ -21,7 +21,10 @@ Rules that hold in every mode:
   and the hand-over the longest of the last 32 ``on_result`` calls (zero without
   a callback): an answer counts when it has been handed over (a node publishes it
   in ``on_result``), so the final one's publication must end by the deadline too.
-  Deciding on stage k+1 before exit k is handed over reserves both hand-overs.
+  The hand-over is reserved only where refusing the stage leaves an earlier
+  answer to end with (deciding on stage k+1 before exit k is handed over then
+  reserves both hand-overs; a-priori picks a shallower exit): refusing stage 1
+  for its publication would turn a late answer into none, which is no better.
 * Nothing is guessed: with a deadline and no timings the run raises
   :class:`~impatient_ros.runtime.timing.TimingError` (calibrate or load a file first).
 * Every run's measured block and head times update the timing model (online,
@@ -572,7 +575,7 @@ class StagedEngine:
         """
         now = self.clock()
         reserve = self._hand_over_reserve(on_result)
-        predicted = self._admit(0, now, report.deadline, reserve)
+        predicted = self._admit(0, now, report.deadline)  # the first answer: no hand-over reserved (module note)
         if predicted is None:
             report.stop_reason = StopReason.NO_TIME
             return
@@ -620,15 +623,22 @@ class StagedEngine:
                 predicted = cost_of(chosen)
         else:
             reserve = self._hand_over_reserve(on_result)
-            costs = [cost_of(k) + reserve for k in range(cap)]
+            costs = [cost_of(k) for k in range(cap)]
             # Choose, then check again at the start: the process can lose the CPU in between (a late
             # a-priori answer on a loaded machine came from an 8 ms pause there, its exit within its p99).
+            # The deepest exit whose answer is handed over in time; failing that, one that is ready in
+            # time (its answer may go out late, but none at all is no better: module note).
             for now in (now, self.clock()):
-                chosen = next((k for k in range(cap - 1, -1, -1)
-                               if now < report.deadline and now + costs[k] <= report.deadline), None)
+                chosen = None
+                if now < report.deadline:
+                    for extra in (reserve, 0.0):
+                        chosen = next((k for k in range(cap - 1, -1, -1)
+                                       if now + costs[k] + extra <= report.deadline), None)
+                        if chosen is not None:
+                            break
                 if chosen is None:
                     break
-                predicted = costs[chosen] - reserve
+                predicted = costs[chosen]
         if chosen is None:
             report.stop_reason = StopReason.NO_TIME
             return
@@ -973,10 +983,12 @@ class StagedRun:
 
     @property
     def next_cost(self) -> float:
-        """Predicted seconds of the next step: its stage at the admission quantile and its answer's hand-over.
+        """Predicted seconds of the next step at the admission quantile (NaN without timings).
 
-        NaN without timings.
+        Once an answer went out, the next answer's hand-over counts too (module note).
         """
+        if not self.report.results:
+            return self._predicted
         return self._predicted + self._engine._hand_over_reserve(self._on_result)
 
     @property
@@ -1038,8 +1050,9 @@ class StagedRun:
             k, predicted = self._k, self._predicted
             reserve = engine._hand_over_reserve(on_result)
             # Admission now: right after the previous stage when stepped back to back (run()), or
-            # after other images' stages when a scheduler interleaves them.
-            if not engine._fits(clock(), predicted + reserve, deadline):
+            # after other images' stages when a scheduler interleaves them. The hand-over only
+            # counts when an earlier answer is there to end with (module note).
+            if not engine._fits(clock(), predicted + (reserve if report.results else 0.0), deadline):
                 self._stop_before_next()
                 self._end()
                 return False
