@@ -15,16 +15,9 @@ Rules that hold in every mode:
 
 * A stage that has started always completes (PyTorch kernels cannot be
   interrupted safely); the engine instead decides *before* each stage: it starts
-  stage k only if ``now + predicted completion + hand-over <= deadline``, the
-  prediction being the :class:`~impatient_ros.runtime.timing.TimingModel`
-  quantile ``admission_quantile`` (p99 by default) of that stage's block + head,
-  and the hand-over the longest of the last 32 ``on_result`` calls (zero without
-  a callback): an answer counts when it has been handed over (a node publishes it
-  in ``on_result``), so the final one's publication must end by the deadline too.
-  The hand-over is reserved only where refusing the stage leaves an earlier
-  answer to end with (deciding on stage k+1 before exit k is handed over then
-  reserves both hand-overs; a-priori picks a shallower exit): refusing stage 1
-  for its publication would turn a late answer into none, which is no better.
+  stage k only if ``now + predicted completion <= deadline``, the prediction
+  being the :class:`~impatient_ros.runtime.timing.TimingModel` quantile
+  ``admission_quantile`` (p99 by default) of that stage's block + head.
 * Nothing is guessed: with a deadline and no timings the run raises
   :class:`~impatient_ros.runtime.timing.TimingError` (calibrate or load a file first).
 * Every run's measured block and head times update the timing model (online,
@@ -574,8 +567,7 @@ class StagedEngine:
         stage always runs: a slow callback cannot leave a non-final answer last.
         """
         now = self.clock()
-        reserve = self._hand_over_reserve(on_result)
-        predicted = self._admit(0, now, report.deadline)  # the first answer: no hand-over reserved (module note)
+        predicted = self._admit(0, now, report.deadline)
         if predicted is None:
             report.stop_reason = StopReason.NO_TIME
             return
@@ -593,11 +585,7 @@ class StagedEngine:
                 # The device starts stage k+1 when exit k is done: now if it already is,
                 # else (conservatively) when exit k is predicted to be ready.
                 next_started = now if self._executor.done(handle) else max(now, predicted_ready)
-                # Exit k+1 is handed over once it is ready and exit k's hand-over (on the host, while
-                # the device runs stage k+1) is done: both reserved, the first overlapping the stage.
-                cost = self._predict(k + 1)
-                next_predicted = (cost if self._fits(next_started, max(cost, reserve) + reserve, report.deadline)
-                                  else None)
+                next_predicted = self._admit(k + 1, next_started, report.deadline)
                 stop = StopReason.NONE if next_predicted is not None else StopReason.DEADLINE
             next_handle = self._executor.launch(k + 1) if next_predicted is not None else None
             out = self._executor.wait(handle)
@@ -622,20 +610,12 @@ class StagedEngine:
             if self.timing.is_calibrated:
                 predicted = cost_of(chosen)
         else:
-            reserve = self._hand_over_reserve(on_result)
             costs = [cost_of(k) for k in range(cap)]
             # Choose, then check again at the start: the process can lose the CPU in between (a late
             # a-priori answer on a loaded machine came from an 8 ms pause there, its exit within its p99).
-            # The deepest exit whose answer is handed over in time; failing that, one that is ready in
-            # time (its answer may go out late, but none at all is no better: module note).
             for now in (now, self.clock()):
-                chosen = None
-                if now < report.deadline:
-                    for extra in (reserve, 0.0):
-                        chosen = next((k for k in range(cap - 1, -1, -1)
-                                       if now + costs[k] + extra <= report.deadline), None)
-                        if chosen is not None:
-                            break
+                chosen = next((k for k in range(cap - 1, -1, -1)
+                               if now < report.deadline and now + costs[k] <= report.deadline), None)
                 if chosen is None:
                     break
                 predicted = costs[chosen]
@@ -720,15 +700,15 @@ class StagedEngine:
         """Admission: a stage of predicted ``cost`` started at ``start`` ends by ``deadline`` (None: always)."""
         return deadline is None or (start < deadline and start + cost <= deadline)
 
-    def _admit(self, k: int, start: float, deadline: float | None, reserve: float = 0.0) -> float | None:
-        """Predicted completion time of stage k if it and ``reserve`` fit between ``start`` and ``deadline``, else None.
+    def _admit(self, k: int, start: float, deadline: float | None) -> float | None:
+        """Predicted completion time of stage k if it fits between ``start`` and ``deadline``, else None.
 
         Without a deadline every stage fits; its prediction is NaN when the model has no timings.
         """
         if deadline is not None and start >= deadline:  # no stage takes zero time: no need to ask the model
             return None
         cost = self._predict(k)
-        return cost if self._fits(start, cost + reserve, deadline) else None
+        return cost if self._fits(start, cost, deadline) else None
 
     def _park(self) -> None:
         """Keep the executor's in-flight run's state in that run before another image uses the executor."""
@@ -818,9 +798,8 @@ class StagedEngine:
         self._probe_free_at = end + (end - now) * (1.0 - self.probe_duty) / self.probe_duty
         report.probed_stages = probed
 
-    def _hand_over_reserve(self, on_result: Callable[[StageResult], Any] | None) -> float:
-        """Seconds admission reserves for handing one answer over: the longest recent ``on_result`` call."""
-        return max(self._callback_s) if on_result is not None and self._callback_s else 0.0
+    def _callback_estimate(self) -> float:
+        return max(self._callback_s) if self._callback_s else 0.0
 
     def _result(self, out: StageOutput, began: float, stop: StopReason) -> StageResult:
         """The StageResult of one exit (ranked from its probabilities when first read, see _LazyStageResult).
@@ -983,13 +962,8 @@ class StagedRun:
 
     @property
     def next_cost(self) -> float:
-        """Predicted seconds of the next step at the admission quantile (NaN without timings).
-
-        Once an answer went out, the next answer's hand-over counts too (module note).
-        """
-        if not self.report.results:
-            return self._predicted
-        return self._predicted + self._engine._hand_over_reserve(self._on_result)
+        """Predicted seconds of the next stage at the admission quantile (NaN without timings)."""
+        return self._predicted
 
     @property
     def answered(self) -> bool:
@@ -998,7 +972,7 @@ class StagedRun:
 
     def fits(self, now: float) -> bool:
         """Whether the next stage, started at ``now``, is predicted to end by the deadline (the admission rule)."""
-        return not self.done and self._engine._fits(now, self.next_cost, self.report.deadline)
+        return not self.done and self._engine._fits(now, self._predicted, self.report.deadline)
 
     def step(self) -> bool:
         """Run the next stage (or end the run when it no longer fits); True while more steps may follow."""
@@ -1048,11 +1022,9 @@ class StagedRun:
                 self._end()
                 return False
             k, predicted = self._k, self._predicted
-            reserve = engine._hand_over_reserve(on_result)
             # Admission now: right after the previous stage when stepped back to back (run()), or
-            # after other images' stages when a scheduler interleaves them. The hand-over only
-            # counts when an earlier answer is there to end with (module note).
-            if not engine._fits(clock(), predicted + (reserve if report.results else 0.0), deadline):
+            # after other images' stages when a scheduler interleaves them.
+            if not engine._fits(clock(), predicted, deadline):
                 self._stop_before_next()
                 self._end()
                 return False
@@ -1070,9 +1042,9 @@ class StagedRun:
             elif k + 1 >= self._cap:
                 stop = StopReason.MAX_STAGE
             else:
-                # Exit k is handed over before the next stage, exit k+1 after it: reserve both.
+                # The callback runs before the next stage: reserve its recent maximum duration.
                 next_predicted = engine._predict(k + 1)
-                fits = engine._fits(clock() + reserve, next_predicted + reserve, deadline)
+                fits = engine._fits(clock() + engine._callback_estimate(), next_predicted, deadline)
                 stop = StopReason.NONE if fits else StopReason.DEADLINE
             engine._emit(report, out, result, stop, predicted, started, k, on_result)
             if stop is not StopReason.NONE:
