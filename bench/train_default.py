@@ -203,7 +203,7 @@ def main() -> int:
     size_mb = model_path.stat().st_size / 2**20
     eq_new = _expected(deployed, eq)
     targets = {
-        f"impatient recipe ran to the end (refit + ensemble on validation)": cfg.recipe == "impatient"
+        "impatient recipe ran to the end (refit + ensemble on validation)": cfg.recipe == "impatient"
         and finalize is not None,
         f"last exit >= {100 * TARGET_LAST_EXIT:.1f} % test accuracy": deployed[-1] >= TARGET_LAST_EXIT,
         f"EQ expected test accuracy > the reference model's {100 * REFERENCE_EQ:.2f} %": eq_new > REFERENCE_EQ,

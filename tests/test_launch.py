@@ -37,7 +37,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import rclpy
 import torch

@@ -267,7 +267,6 @@ def test_lp_ft_start_of_a_pretrained_network_is_orig(tmp_path) -> None:
 
     if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("needs Fashion-MNIST")
-    from impatient_ros.runtime.backbones import BackboneUnavailableError  # noqa: F401
     from impatient_ros.runtime.model import list_backbones
 
     if "efficientnet_lite0" not in list_backbones():
