@@ -105,6 +105,8 @@ class Observations:
     budgets: list[float] = field(default_factory=list)                  # ms, in the order sent
     answers: int = 0                                                     # frames with a final message
     final_stages: Counter = field(default_factory=Counter)              # stage of each final message
+    late_stages: Counter = field(default_factory=Counter)               # ... of each final message past its budget
+    late_ms: list[float] = field(default_factory=list)                  # by how much each was late
     diagnostics: dict[str, str] = field(default_factory=dict)           # the latest status of the node
     baseline: dict[str, str] = field(default_factory=dict)              # its status when the timed run began
     samples: list[dict[str, float]] = field(default_factory=list)       # t, rss_mib, threads
@@ -143,9 +145,15 @@ def run(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> tuple[Obse
 
     def on_prediction(msg: StagePrediction) -> None:
         if msg.is_final and msg.header.frame_id.startswith("f"):  # frames of the timed run
+            # Late as the node counts it: published (latency from the image's reference time) after its budget.
+            latency = msg.latency.sec + 1e-9 * msg.latency.nanosec
+            budget = msg.budget.sec + 1e-9 * msg.budget.nanosec
             with obs.lock:
                 obs.answers += 1
                 obs.final_stages[int(msg.stage)] += 1
+                if budget > 0.0 and latency > budget:
+                    obs.late_stages[int(msg.stage)] += 1
+                    obs.late_ms.append(1e3 * (latency - budget))
 
     def on_diagnostics(msg: DiagnosticArray) -> None:
         for status in msg.status:
@@ -293,7 +301,11 @@ def summarise(obs: Observations, setup: dict[str, Any], args: argparse.Namespace
         "frames": {"sent": obs.sent, "received": count("frames_received"), "processed": count("frames_processed"),
                    "dropped": count("frames_dropped"), "rejected": count("frames_rejected"),
                    "no_time": count("frames_no_time"), "answered": obs.answers,
-                   "final_stage_histogram": {str(k): v for k, v in sorted(obs.final_stages.items())}},
+                   "final_stage_histogram": {str(k): v for k, v in sorted(obs.final_stages.items())},
+                   # Where the late answers come from: the stage of each late final and by how much it was late.
+                   "late_final_stage_histogram": {str(k): v for k, v in sorted(obs.late_stages.items())},
+                   "late_ms_p50_p90_max": ([late[round(q * (len(late) - 1))] for q in (0.5, 0.9, 1.0)]
+                                           if (late := sorted(obs.late_ms)) else None)},
         # NO_TIME frames count as misses; among the frames whose stage 1 was admitted, the hit rate
         # says how well the admission (at its quantile of measured stage times) kept its promise.
         "deadline": {"frames": frames, "hits": hits, "hit_rate": hits / frames if frames else None,
@@ -336,6 +348,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"| no time for stage 1 (nothing published) | {f['no_time']} |",
         f"| answered (final message received) | {f['answered']} |",
         f"| final stage histogram | {f['final_stage_histogram']} |",
+        f"| late finals (published after the budget) by stage | {f.get('late_final_stage_histogram')} |",
+        f"| late by, ms: p50 / p90 / max | {' / '.join(f'{v:.2f}' for v in f['late_ms_p50_p90_max']) if f.get('late_ms_p50_p90_max') else 'none late'} |",
         f"| deadline hit rate | {fmt(None if d['hit_rate'] is None else 100 * d['hit_rate'], '.2f')} % "
         f"({d['hits']} of {d['frames']}; frames without time for stage 1 count as misses) |",
         f"| deadline hit rate of frames whose stage 1 was admitted | "
