@@ -150,7 +150,7 @@ def start_node_process(ros_args: Sequence[str], log_path: Path, extra_env: Mappi
     """Start ``python -m impatient_ros.ros.node --ros-args <ros_args>`` from the repository root.
 
     Output (unbuffered, ROS log lines included) goes to ``log_path``; the source
-    tree comes first on PYTHONPATH, as in bench/soak.py and the node tests.
+    tree comes first on PYTHONPATH, as in the node tests.
     Returns the Popen; stop it with :func:`stop_process`.
     """
     import os

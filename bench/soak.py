@@ -43,7 +43,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -55,6 +54,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from _common import start_node_process, stop_process  # noqa: E402  (bench/ is on sys.path when run as a script)
 NAMESPACE = "/soak"
 NODE_FQN = f"{NAMESPACE}/impatient_node"
 SAMPLE_PERIOD_S = 5.0
@@ -128,13 +128,9 @@ def run(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> tuple[Obse
     from impatient_ros.msg import Budget, StagePrediction
 
     log_path = workdir / "node.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     ros_args = ["-r", f"__ns:={NAMESPACE}", "-p", f"checkpoint:={checkpoint}", "-p", f"device:={args.device}",
                 "-p", "diagnostics_period_s:=1.0", "-p", "budget_timeout_s:=3.0"]
-    log = open(log_path, "w")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen([sys.executable, "-m", "impatient_ros.ros.node", "--ros-args", *ros_args],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = start_node_process(ros_args, log_path)
     obs = Observations()
     rclpy.init()
     node = rclpy.create_node("soak_driver")
@@ -252,14 +248,8 @@ def run(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> tuple[Obse
         spinner.join(timeout=5)
         node.destroy_node()
         rclpy.try_shutdown()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                obs.errors.append("the node did not stop within 30 s of SIGTERM")
-        log.close()
+        if stop_process(proc, timeout=30) == -signal.SIGKILL:
+            obs.errors.append("the node did not stop within 30 s of SIGTERM")
     if proc.returncode not in (0, -15):
         obs.errors.append(f"the node's exit status was {proc.returncode}")
     error_lines = [line for line in log_path.read_text(errors="replace").splitlines() if "[ERROR]" in line
