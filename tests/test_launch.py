@@ -35,6 +35,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -44,10 +47,13 @@ import yaml
 from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.srv import GetParameters
 from rclpy.parameter import Parameter
+from sensor_msgs.msg import Image
 
+from impatient_ros.msg import StagePrediction
+from impatient_ros.ros.image_convert import array_to_image_fields
 from impatient_ros.runtime.checkpoint import save_checkpoint
 from impatient_ros.runtime.model import NetConfig, build_network
-from tests.ros.node_harness import NodeProbe, gray_image, wait_for
+from tests.ros.node_harness import RELIABLE, NodeProbe, gray_image, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 EXECUTABLES = ["impatient_node", "impatient-camera", "impatient-budget", "impatient-monitor"]
@@ -249,6 +255,59 @@ def test_launch_arguments_override_the_file_typed(prefix: Path, checkpoint: Path
         assert values == {"checkpoint": "123", "default_budget_ms": 15.0, "num_threads": 1, "mode": "cascade",
                           "top_k": 3, "device": "cpu"}
         assert len(probe.classify(gray_image(SIZE, 0))) >= 1
+    finally:
+        probe.close()
+        code = launch.stop()
+    assert code == 0, launch.output
+
+
+def test_cameras_argument_serves_each_camera_on_its_own_topics(
+        prefix: Path, checkpoint: Path, tmp_path: Path, ros) -> None:
+    # The README's multi-camera launch line: one node, two cameras, each camera's image remapped to its
+    # driver's topic by camera_topics; every answer comes back on that camera's own prediction topic.
+    cameras = ("front", "rear")
+    drivers = {name: f"/drivers_lcam/{name}_raw" for name in cameras}
+    launch = Launch(prefix, "impatient.launch.py", [
+        "namespace:=lcam", f"checkpoint:={checkpoint}", "device:=cpu",
+        f"cameras:=[{', '.join(cameras)}]", f"camera_topics:=[{', '.join(drivers.values())}]"], tmp_path)
+    probe = NodeProbe("/lcam", "/lcam/unused_image", probe_name="launch_cameras_probe")
+    lock = threading.Lock()
+    finals: dict[str, set[str]] = defaultdict(set)   # camera topic -> frame ids answered (final)
+    seen: dict[str, set[str]] = defaultdict(set)     # camera topic -> every frame id on it
+    images = {name: probe.node.create_publisher(Image, topic, RELIABLE) for name, topic in drivers.items()}
+    results = {name: f"/lcam/impatient_node/{name}/prediction" for name in cameras}
+
+    def on_result(name: str, msg: StagePrediction) -> None:
+        with lock:
+            seen[name].add(msg.header.frame_id)
+            if msg.is_final:
+                finals[name].add(msg.header.frame_id)
+
+    for name, topic in results.items():
+        probe.node.create_subscription(StagePrediction, topic, lambda m, n=name: on_result(n, m), RELIABLE)
+    try:
+        def ready() -> bool:
+            if launch.proc.poll() is not None:
+                raise AssertionError(f"launch exited with {launch.proc.returncode}:\n{launch.output[-6000:]}")
+            return (probe.latest_diagnostics().get("state") == "active"
+                    and all(pub.get_subscription_count() > 0 for pub in images.values())
+                    and all(probe.node.count_publishers(topic) > 0 for topic in results.values()))
+
+        wait_for(ready, 120, "the launched node to serve both cameras", interval=0.1)
+        assert probe.get_parameters("cameras") == {"cameras": list(cameras)}
+        fields = array_to_image_fields(gray_image(SIZE, 0), "mono8")
+        deadline, n = time.monotonic() + 60.0, 0
+        while not all(any(f.startswith(name) for f in finals[name]) for name in cameras):
+            assert time.monotonic() < deadline, f"no answer on every camera's topic: {dict(finals)}\n{launch.output[-4000:]}"
+            for name in cameras:
+                msg = Image(**fields)
+                msg.header.frame_id = f"{name}-{n}"
+                images[name].publish(msg)
+            n += 1
+            time.sleep(0.5)
+        with lock:
+            for name in cameras:  # a camera's answers name only its own frames
+                assert seen[name] and all(f.startswith(f"{name}-") for f in seen[name]), dict(seen)
     finally:
         probe.close()
         code = launch.stop()
