@@ -20,8 +20,10 @@ MS = 1e-3
 class ScriptedJob:
     """A run of ``len(costs)`` stages; stage k takes (and is predicted to take) ``costs[k]`` seconds."""
 
-    def __init__(self, name: str, clock: FakeClock, costs, deadline: float | None, log: list) -> None:
+    def __init__(self, name: str, clock: FakeClock, costs, deadline: float | None, log: list,
+                 handover: float = 0.0) -> None:
         self.name, self.clock, self.costs, self._deadline, self.log = name, clock, list(costs), deadline, log
+        self.handover = handover   # seconds each answer's hand-over (publication) takes after its stage
         self.k = 0
         self.done = False
         self.final_exit: int | None = None   # 1-based exit that ended up final (0: none, NO_TIME)
@@ -38,6 +40,10 @@ class ScriptedJob:
         return self.costs[self.k]
 
     @property
+    def step_cost(self) -> float:
+        return self.costs[self.k] + self.handover
+
+    @property
     def answered(self) -> bool:
         return self.k > 0
 
@@ -49,7 +55,7 @@ class ScriptedJob:
         start = self.clock.now()
         assert self.fits(start), f"{self.name}: a stage started that does not fit"
         self.log.append((self.name, self.k + 1, start))
-        self.clock.advance(self.costs[self.k])
+        self.clock.advance(self.costs[self.k] + self.handover)
         self.k += 1
         if self.k == len(self.costs):
             self.done, self.final_exit = True, self.k
@@ -110,6 +116,23 @@ def test_a_deeper_stage_never_costs_another_frame_its_first_answer():
     sched.drain()
     # Plain EDF would run a1 a2 a3 (0-9 ms) and leave b (deadline 11 ms) no time for any stage.
     # After a2 (6 ms), a3 would push b's first stage to 9-12 ms > 11: b gets the slot.
+    assert [(name, k) for name, k, _ in log] == [("a", 1), ("a", 2), ("b", 1)]
+    assert a.final_exit == 2 and b.final_exit == 1
+
+
+def test_the_hand_over_after_a_stage_counts_when_a_first_answer_is_at_risk():
+    clock, log = FakeClock(), []
+    sched = _scheduler(["a", "b"], clock)
+    t0 = clock.now()
+    # Stages of 3 ms, each answer's hand-over (publication) 0.5 ms more.
+    a = ScriptedJob("a", clock, [3 * MS] * 3, t0 + 11.5 * MS, log, handover=0.5 * MS)
+    b = ScriptedJob("b", clock, [3 * MS] * 3, t0 + 13.2 * MS, log, handover=0.5 * MS)
+    sched.add("a", a)
+    sched.add("b", b)
+    sched.drain()
+    # At 7 ms (a1, a2 and their hand-overs done), a3 ends at 10 ms and its hand-over at 10.5 ms, when
+    # b's first stage would end at 13.5 > 13.2 ms. Counting the stage alone (10 + 3 = 13 <= 13.2)
+    # would give a its third exit and b no answer at all.
     assert [(name, k) for name, k, _ in log] == [("a", 1), ("a", 2), ("b", 1)]
     assert a.final_exit == 2 and b.final_exit == 1
 

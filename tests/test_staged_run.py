@@ -180,3 +180,19 @@ def test_a_run_ending_beside_another_deadline_frame_leaves_the_probe_for_later(c
     sched.add("a", c)
     sched.drain()
     assert c.report.stop_reason is StopReason.DEADLINE and c.report.probed_stages[0] == 1
+
+
+def test_step_cost_adds_the_recent_hand_over_to_the_next_stage(checkpoint_path):
+    engine, clock = _engine(checkpoint_path)
+    img = _images(1)[0]
+    silent = engine.start_run(img, "gray", deadline=clock.now() + 1.0)
+    assert silent.step_cost == silent.next_cost  # nothing handed over: the stage alone
+
+    def slow_publish(result) -> None:  # a hand-over (building and publishing the message) of 0.7 ms
+        clock.advance(0.7 * MS)
+
+    run = engine.start_run(img, "gray", deadline=clock.now() + 1.0, on_result=slow_publish)
+    assert run.step_cost == run.next_cost  # no hand-over measured yet
+    assert run.step()
+    assert run.step_cost == pytest.approx(run.next_cost + 0.7 * MS)
+    assert run.next_cost == pytest.approx(engine._predict(1))

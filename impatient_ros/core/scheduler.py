@@ -21,7 +21,8 @@ The rule (``policy="edf"``), applied before every stage at the time ``now``:
 3. **EDF, answers first.** Otherwise the image with the earliest deadline
    whose next stage fits gets the stage (ties: the one that arrived first),
    unless that image already has an answer and another image that has none
-   yet would, after that stage, no longer fit its first one: then the
+   yet would, after that stage (and the hand-over of its answer: the job's
+   ``step_cost``), no longer fit its first one: then the
    earliest-deadline such image gets it. Admission uses a pessimistic
    quantile (p99) while stages mostly take their median, so plain EDF would
    spend the slack of the earliest frame on its deeper exits while a frame
@@ -82,6 +83,9 @@ class StageJob(Protocol):
 
     @property
     def next_cost(self) -> float: ...         # predicted seconds of the next stage (its admission)
+
+    @property
+    def step_cost(self) -> float: ...         # next_cost plus the hand-over of that stage's answer
 
     @property
     def answered(self) -> bool: ...           # an exit's answer has gone out
@@ -208,7 +212,9 @@ class StageScheduler:
                 return item[1].job.deadline, item[1].seq
 
             chosen, slot = min(timed, key=edf)
-            after = now + slot.job.next_cost
+            # The next decision comes once the stage ran and its answer was handed over (published):
+            # a projection without the hand-over let a frame lose its only answer to deeper stages.
+            after = now + slot.job.step_cost
             at_risk = [(s, other) for s, other in timed
                        if s != chosen and not other.job.answered and not other.job.fits(after)]
             if at_risk and slot.job.answered:  # answers first (rule 3): a deeper stage never costs a first one

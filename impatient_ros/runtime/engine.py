@@ -966,6 +966,14 @@ class StagedRun:
         return self._predicted
 
     @property
+    def step_cost(self) -> float:
+        """Predicted seconds until the next stage's answer has been handed over: :attr:`next_cost` plus
+        the recent maximum duration of ``on_result`` (what a scheduler waits for before it chooses again)."""
+        if self._on_result is None:
+            return self._predicted
+        return self._predicted + self._engine._callback_estimate()
+
+    @property
     def answered(self) -> bool:
         """Whether an exit's answer has been handed over (the scheduler serves first answers first)."""
         return bool(self.report.results)
