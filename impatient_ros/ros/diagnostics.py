@@ -27,8 +27,7 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from impatient_ros.core.quantiles import quantiles
 from impatient_ros.core.results import StopReason
 
 __all__ = [
@@ -174,7 +173,7 @@ class NodeStats:
     def snapshot(self) -> StatsSnapshot:
         """Copy the counters and compute the latency quantiles."""
         with self._lock:
-            latency = {stage: np.asarray(window, dtype=np.float64) for stage, window in self._latency.items()}
+            latency = {stage: list(window) for stage, window in self._latency.items()}
             recent = list(self._recent)
             snap = dict(
                 received=self._received, processed=self._processed, dropped=self._dropped,
@@ -183,17 +182,17 @@ class NodeStats:
                 stops=dict(self._stops), reference_fallbacks=dict(self._fallbacks),
                 final_announcements_repaired=self._repaired, stage_published=dict(self._stage_published),
             )
-        # Quantiles outside the lock: the inference thread must not wait for numpy.
-        quantiles = {
-            stage: tuple(float(v) for v in 1e3 * np.quantile(values, (0.5, 0.9, 0.99)))
-            for stage, values in sorted(latency.items()) if values.size
+        # Quantiles outside the lock: the inference thread must not wait for them.
+        latency_ms = {
+            stage: tuple(1e3 * v for v in quantiles(values, (0.5, 0.9, 0.99)))
+            for stage, values in sorted(latency.items()) if values
         }
         return StatsSnapshot(
             **snap,
             recent_hits=sum(hit for hit, _ in recent),
             recent_deadline_frames=len(recent),
             max_recent_overrun_s=max((overrun for _, overrun in recent), default=0.0),
-            stage_latency_ms=quantiles,
+            stage_latency_ms=latency_ms,
         )
 
 

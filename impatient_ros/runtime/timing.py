@@ -38,6 +38,7 @@ from impatient_ros.core.calibration import (
     read_calibration,
     write_calibration,
 )
+from impatient_ros.core.quantiles import sorted_quantile
 
 __all__ = ["FORMAT", "VERSION", "TimingError", "TimingModel"]
 
@@ -137,10 +138,7 @@ class _Window:
         n = len(ordered)
         if limit < ordered[-1]:
             n = max(1, bisect_right(ordered, limit))
-        position = q * (n - 1)
-        low = math.floor(position)
-        high = min(low + 1, n - 1)
-        return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+        return sorted_quantile(ordered, q, n)
 
     def mean(self) -> float:
         self._sync()
