@@ -42,6 +42,7 @@ import copy
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -985,7 +986,7 @@ def verdict_lines(name: str, s1: dict[str, Any], cv: dict[str, Any]) -> list[str
         g = s1["contested_gain"][k]
         per = ", ".join(f"{s} {100 * _mean(s1[s]['gain'][k]):+.2f}" for s in schemes)
         lines.append(f"- {k}: beats the best baseline on {wins} of {n} schemes ({per}); mean gain on ILIN/IPOLY "
-                     f"{100 * g:+.2f} points")
+                     + (f"{100 * g:+.2f} points" if math.isfinite(g) else "n/a (neither scheme in this run)"))
     if "OURS" in s1["wins"]:
         gains = [_mean(s1[s]["gain"]["OURS"]) for s in schemes]
         if name.startswith("lite0"):
@@ -993,9 +994,10 @@ def verdict_lines(name: str, s1: dict[str, Any], cv: dict[str, Any]) -> list[str
             lines.append(f"- target (OURS >= best baseline + 1.0 on every scheme): **{'met' if ok else 'not met'}**")
         else:
             ok = s1["wins"]["OURS"] == n and s1["contested_gain"]["OURS"] >= 0.02
+            contested = s1["contested_gain"]["OURS"]
             lines.append(f"- target (OURS beats the best baseline on {n}/{n} schemes and mean ILIN/IPOLY gain >= +2): "
                          f"**{'met' if ok else 'not met'}** ({s1['wins']['OURS']}/{n}, "
-                         f"{100 * s1['contested_gain']['OURS']:+.2f})")
+                         + (f"{100 * contested:+.2f})" if math.isfinite(contested) else "ILIN/IPOLY not in this run)"))
     ranges = {k: v for k, v in cv.items() if " range " in k}
     cv = {k: v for k, v in cv.items() if " range " not in k}
     if cv:
