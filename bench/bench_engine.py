@@ -40,7 +40,12 @@ from impatient_ros.runtime.engine import Mode, StagedEngine, StopReason
 
 
 def part_latency(engine: StagedEngine, reps: int, unfused: torch.nn.Module | None = None) -> None:
-    """Plain forward vs t_B vs t_A, network and engine; with ``unfused`` also the heads as trained."""
+    """Plain forward vs t_B vs t_A, network and engine; with ``unfused`` also the network as trained.
+
+    The engine's network has its heads and blocks fused (impatient_ros.runtime.fusion); the plain
+    forward of that same network is the first base, the unfused network (the checkpoint as trained:
+    what a user runs without the engine) the second.
+    """
     net, k_last = engine.net, engine.num_stages - 1
     plain = plain_network(net)
     x = torch.randn(engine.preprocessor.output_shape, device=engine.device, dtype=engine.preprocessor.dtype)
@@ -54,7 +59,7 @@ def part_latency(engine: StagedEngine, reps: int, unfused: torch.nn.Module | Non
             "engine apriori, last exit (t_B)": lambda: engine.run_tensor(x, mode=Mode.APRIORI),
             "engine anytime, every exit (t_A)": lambda: engine.run_tensor(x, mode=Mode.ANYTIME),
         }
-        if unfused is not None:  # the heads as trained (pool, batch norm, linear): what fusion saves
+        if unfused is not None:  # heads and blocks as trained (batch norms unfolded): what fusion saves
             unfused = unfused.to(engine.device).eval()
             plain_unfused = plain_network(unfused)
             variants["unfused: plain forward"] = lambda: plain_unfused(x)
@@ -63,14 +68,21 @@ def part_latency(engine: StagedEngine, reps: int, unfused: torch.nn.Module | Non
                        "unfused: t_A forward (every head)": "unfused: plain forward"}
         times = interleaved(variants, reps=reps, sync=sync)
     rows = []
+    trained = times.get("unfused: plain forward")
     for name, samples in times.items():
         base_samples = times[base_of.get(name, "plain forward (blocks + last head)")]
         median, p90 = median_p90_ms(samples)
         # Paired: each round's time over the same round's plain forward (rounds are interleaved),
         # so a load that changes between rounds (a shared machine) cancels out.
-        rows.append((name, median, p90, float(np.median(samples) / np.median(base_samples)),
-                     float(np.median(samples / base_samples))))
-    print_table(["variant", "median ms", "p90 ms", "x plain (same heads)", "x plain, paired by round"], rows)
+        row = (name, median, p90, float(np.median(samples) / np.median(base_samples)),
+               float(np.median(samples / base_samples)))
+        if trained is not None:  # against the network as trained (what a user runs without the engine)
+            row += (float(np.median(samples / trained)),)
+        rows.append(row)
+    headers = ["variant", "median ms", "p90 ms", "x plain (same modules)", "x plain, paired by round"]
+    if trained is not None:
+        headers.append("x plain as trained, paired")
+    print_table(headers, rows)
 
 
 def _budgets(kind: str, total_s: float, n: int, rng: np.random.Generator,
@@ -212,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         heldout = args.heldout or max(10, int((60 if heavy else 400) * scale))
         print(f"=== {checkpoint.config.backbone} {size[0]}x{size[1]}, {engine.num_stages} stages, "
               f"{engine.device_label} ===")
-        print(f"-- latency ({reps} interleaved repetitions; engine heads: {', '.join(engine.head_kinds) or 'as trained'})")
+        print(f"-- latency ({reps} interleaved repetitions; engine heads: {', '.join(engine.head_kinds) or 'as trained'}; "
+              f"blocks: {', '.join(engine.block_fusion) or 'as trained'})")
         part_latency(engine, reps, checkpoint_for(name).net)
         engine.calibrate(warmup=3, iterations=max(10, reps // 2))
         channels = 1 if checkpoint.preprocessing["channels"] == "gray" else 3

@@ -1,4 +1,5 @@
-"""Fused EP heads (batch norm folded into the linear layer) equal the trained heads they replace."""
+"""Fused EP heads (batch norm folded into the linear layer) and fused blocks (into the convolutions)
+equal the trained modules they replace."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from impatient_ros.runtime.checkpoint import load_checkpoint, save_checkpoint
 from impatient_ros.runtime.engine import StagedEngine
-from impatient_ros.runtime.fusion import FusedHead, fuse_head, fuse_heads
+from impatient_ros.runtime.fusion import FusedHead, fuse_block, fuse_blocks, fuse_head, fuse_heads
 from impatient_ros.runtime.heads import make_head
 from impatient_ros.runtime.model import NetConfig, build_network
 
@@ -85,10 +86,64 @@ def test_engine_with_and_without_fusion_agree(tmp_path):
                            preprocessing={"input_size": [28, 28], "channels": "gray", "mean": [0.5], "std": [0.5]})
     image = np.random.default_rng(0).integers(0, 255, size=(28, 28), endpoint=True).astype(np.uint8)
     fused = StagedEngine(load_checkpoint(path), "cpu")
-    plain = StagedEngine(load_checkpoint(path), "cpu", fuse_heads=False)
+    plain = StagedEngine(load_checkpoint(path), "cpu", fuse_heads=False, fuse_blocks=False)
     assert fused.head_kinds and not plain.head_kinds
+    assert fused.block_fusion == ["2 of 2 batch norms folded"] * 4 and not plain.block_fusion
     a, b = fused.run(image, "gray"), plain.run(image, "gray")
     assert [r.stage for r in a.results] == [r.stage for r in b.results] == [1, 2, 3, 4]
     for ra, rb in zip(a.results, b.results):
         np.testing.assert_allclose(ra.probs, rb.probs, rtol=1e-5, atol=1e-6)
         assert ra.class_id == rb.class_id
+
+
+def _with_statistics(net: torch.nn.Module, shape: tuple[int, ...]) -> torch.nn.Module:
+    """Non-trivial batch-norm statistics and affine parameters everywhere, then eval mode."""
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(8, *shape) * 2 + 0.5)
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-1.0, 1.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize(("backbone", "channels", "size", "folded"), [
+    ("smallcnn", 1, (28, 28), ["2 of 2 batch norms folded"] * 4),
+    ("resnet18", 3, (64, 64), ["5 of 5 batch norms folded"] * 4),  # stem + layer1, then layer2-4 with downsample
+])
+def test_fused_blocks_equal_the_trained_blocks(backbone, channels, size, folded):
+    torch.manual_seed(0)
+    net = _with_statistics(build_network(NetConfig(backbone=backbone, num_classes=10, in_channels=channels,
+                                                   input_size=size)), (channels, *size))
+    x = torch.randn(2, channels, *size)
+    with torch.no_grad():
+        before = net(x)
+        assert fuse_blocks(net) == folded
+        after = net(x)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in net.blocks for m in b.modules())
+    for a, b in zip(before, after):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+class _DataDependent(torch.nn.Module):
+    """A block whose forward branches on the values: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.conv(x))
+        return h if h.sum() > 0 else -h
+
+
+def test_a_block_that_cannot_be_fused_stays_as_it_is():
+    block = _DataDependent().eval()
+    same, what = fuse_block(block, (1, 8, 8))
+    assert same is block and what.startswith("unchanged (not traceable")
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()).eval()
+    assert fuse_block(plain, (1, 8, 8)) == (plain, "unchanged (no batch norm)")
+    with pytest.raises(ValueError, match="evaluation mode"):
+        fuse_block(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)).train(), (1, 8, 8))
