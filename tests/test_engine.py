@@ -942,10 +942,15 @@ def test_answer_accuracy_follows_what_the_engine_publishes(checkpoint_path):
 
 
 @pytest.mark.parametrize("mode", ["anytime", "apriori"])
-def test_ensemble_answers_equal_the_core_rule(checkpoint_path, image, mode):
+@pytest.mark.parametrize("max_python_classes", [64, 0], ids=["python-floats", "numpy"])
+def test_ensemble_answers_equal_the_core_rule(checkpoint_path, image, mode, max_python_classes, monkeypatch):
     # The engine skips the rows that are an exit alone and combines only the exits a row reads;
-    # every published answer must still equal impatient_ros.core.ensemble's rule on the own answers.
+    # every published answer must still equal impatient_ros.core.ensemble's rule on the own answers,
+    # in both of its forms (Python floats up to 64 classes, numpy above; 0 takes the numpy one here).
+    import impatient_ros.runtime.engine as engine_module
     from impatient_ros.core.ensemble import combine_probabilities
+
+    monkeypatch.setattr(engine_module, "_PY_ENSEMBLE_MAX_CLASSES", max_python_classes)
 
     own = _engine(load_checkpoint(checkpoint_path), use_ensemble=False).run(image, "gray").results
     expected = combine_probabilities(np.stack([r.probs for r in own]), _MIXED["weights"])

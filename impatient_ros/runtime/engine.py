@@ -120,6 +120,14 @@ RATIO_EPSILON = 1e-12  # floor for the runner-up probability in ratio_1v2
 # measurements miss; used until calibrate() measures it on the actual machine.
 _DEFAULT_CUDA_OVERHEAD_S = 50e-6
 _ENSEMBLE_EPS = 1e-12  # probability floor before the log, as impatient_ros.core.ensemble.combine_probabilities
+_PY_ENSEMBLE_MAX_CLASSES = 64  # up to here the exit ensemble combines Python floats, above in numpy (_answer)
+
+
+def _own_log_probs(probs: np.ndarray) -> list[float] | np.ndarray:
+    """An exit's floored log-probabilities for the later ensemble rows, in the form _answer combines."""
+    if len(probs) <= _PY_ENSEMBLE_MAX_CLASSES:
+        return [math.log(v if v > _ENSEMBLE_EPS else _ENSEMBLE_EPS) for v in probs.tolist()]
+    return np.log(np.maximum(probs, _ENSEMBLE_EPS))
 
 
 _RANKING_FIELDS = ("class_id", "label", "score", "top_ids", "top_scores", "ratio_1v2")
@@ -296,16 +304,17 @@ class StagedEngine:
         self.use_ensemble = self.ensemble_weights is not None
         # Validation accuracy of what exit k publishes (the ensemble's answer or the head's own; NaN unknown).
         self.answer_accuracy: list[float] = answer_accuracy(self.exit_accuracy, spec, self.num_stages)
-        self._own_log_probs: list[np.ndarray | None] = [None] * self.num_stages  # this run's exits, own answers
+        # This run's exits' own answers (log-probabilities, for the later ensemble rows).
+        self._own_log_probs: list[list[float] | np.ndarray | None] = [None] * self.num_stages
         # Per exit, the exits its row combines (non-zero weights) and their weights; () for a row that is
         # the exit alone (validation kept the ensemble off there), which then answers with its own
         # probabilities. Exit j's log-probabilities are only computed when a later row reads them.
-        self._ensemble_terms: list[tuple[tuple[int, ...], np.ndarray]] = []
+        self._ensemble_terms: list[tuple[tuple[int, ...], tuple[float, ...]]] = []
         self._log_needed: list[bool] = [False] * self.num_stages
         for k, row in enumerate(self.ensemble_weights or []):
             alone = row[k] == 1.0 and not np.any(row[:k])
             support = () if alone else tuple(int(j) for j in np.flatnonzero(row))
-            self._ensemble_terms.append((support, row[list(support)]))
+            self._ensemble_terms.append((support, tuple(float(w) for w in row[list(support)])))
             for j in support:
                 self._log_needed[j] = True
         dtype = torch.float16 if fp16 else torch.float32
@@ -670,7 +679,7 @@ class StagedEngine:
             blocks += out.block_s
             head_s += out.head_s
             if out.stage < k and self._log_needed[out.stage]:  # exit k's own answer is kept when its result is built
-                self._own_log_probs[out.stage] = np.log(np.maximum(out.probs, _ENSEMBLE_EPS))
+                self._own_log_probs[out.stage] = _own_log_probs(out.probs)
         assert out is not None
         return StageOutput(k, out.probs, blocks, head_s, out.ready_time)
 
@@ -684,10 +693,20 @@ class StagedEngine:
         k = out.stage
         own = self._own_log_probs
         if self._log_needed[k]:
-            own[k] = np.log(np.maximum(out.probs, _ENSEMBLE_EPS))
+            own[k] = _own_log_probs(out.probs)
         support, weights = self._ensemble_terms[k]
         if not support:  # the row is exit k alone: its own answer, no per-exit numpy work
             return out.probs
+        if len(out.probs) <= _PY_ENSEMBLE_MAX_CLASSES:
+            # Python floats (float64, as the core's rule): for a few classes each numpy call on a
+            # (C,) array costs more in dispatch than its arithmetic, and this runs after every exit.
+            z = [weights[0] * v for v in own[support[0]]]
+            for w, j in zip(weights[1:], support[1:]):
+                z = [a + w * b for a, b in zip(z, own[j])]
+            top = max(z)
+            e = [math.exp(v - top) for v in z]
+            total = sum(e)
+            return np.array([v / total for v in e], dtype=np.float32)
         z = weights[0] * own[support[0]]
         for w, j in zip(weights[1:], support[1:]):
             z = z + w * own[j]
