@@ -99,6 +99,7 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.serialization import serialize_message
 from sensor_msgs.msg import BatteryState, CompressedImage, Image
 
 from impatient_ros.msg import Budget, StagePrediction
@@ -728,9 +729,12 @@ class ImpatientNode(LifecycleNode):
                 StagePrediction, result, header=msg.header, image_seq=seq, labels=labels,
                 accuracy=stage_accuracy(accuracy, result.stage), latency_s=latency, budget_s=budget.budget_s)
             try:
+                # Serialised once, the same bytes on both topics: a publish of a message object converts
+                # and serialises it again for every topic, inside the deadline.
+                data = serialize_message(out)
                 if not result.repeated:
-                    camera.stage_pubs[result.stage - 1].publish(out)
-                camera.prediction_pub.publish(out)
+                    camera.stage_pubs[result.stage - 1].publish(data)
+                camera.prediction_pub.publish(data)
             except Exception as exc:  # noqa: BLE001 - e.g. a saturated reliable writer; keep inferring
                 stats.frame_rejected("publish_failed")
                 if self._log_throttle.ready("publish_failed"):
