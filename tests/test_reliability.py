@@ -53,6 +53,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import BatteryState, CompressedImage, Image
 
 from impatient_ros.runtime.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint, sidecar_path
@@ -620,12 +621,17 @@ def test_out_of_memory_in_a_stage_is_logged_counted_and_the_next_frame_served(in
     log = _LogRecorder()
     monkeypatch.setattr(node, "get_logger", lambda: log)
     monkeypatch.setattr(node, "_log_throttle", type(node._log_throttle)(5.0))  # the last case's error was logged
+    def as_message(data: Any) -> Any:  # the node publishes each answer serialised once, as bytes
+        return deserialize_message(data, StagePrediction) if isinstance(data, bytes) else data
+
     sent: list[Any] = []  # what goes out on ~/prediction (the real publisher still publishes it)
     real_publish = node._prediction_pub.publish
-    monkeypatch.setattr(node._prediction_pub, "publish", lambda msg: (sent.append(msg), real_publish(msg))[1])
+    monkeypatch.setattr(node._prediction_pub, "publish",
+                        lambda msg: (sent.append(as_message(msg)), real_publish(msg))[1])
     on_stage_1: list[Any] = []  # what goes out on the stage-1 topic
     real_stage_1 = node._stage_pubs[0].publish
-    monkeypatch.setattr(node._stage_pubs[0], "publish", lambda msg: (on_stage_1.append(msg), real_stage_1(msg))[1])
+    monkeypatch.setattr(node._stage_pubs[0], "publish",
+                        lambda msg: (on_stage_1.append(as_message(msg)), real_stage_1(msg))[1])
     before = node._stats.snapshot()
     failing = _image_msg(gray_image(SMALL_SIZE, 2))
     failing.header.frame_id = "fails_at_stage_2"
