@@ -123,9 +123,9 @@ _ENSEMBLE_EPS = 1e-12  # probability floor before the log, as impatient_ros.core
 _PY_ENSEMBLE_MAX_CLASSES = 64  # up to here the exit ensemble combines Python floats, above in numpy (_answer)
 
 
-def _own_log_probs(probs: np.ndarray) -> list[float] | np.ndarray:
+def _own_log_probs(probs: np.ndarray, in_python: bool) -> list[float] | np.ndarray:
     """An exit's floored log-probabilities for the later ensemble rows, in the form _answer combines."""
-    if len(probs) <= _PY_ENSEMBLE_MAX_CLASSES:
+    if in_python:
         return [math.log(v if v > _ENSEMBLE_EPS else _ENSEMBLE_EPS) for v in probs.tolist()]
     return np.log(np.maximum(probs, _ENSEMBLE_EPS))
 
@@ -309,6 +309,8 @@ class StagedEngine:
         # Per exit, the exits its row combines (non-zero weights) and their weights; () for a row that is
         # the exit alone (validation kept the ensemble off there), which then answers with its own
         # probabilities. Exit j's log-probabilities are only computed when a later row reads them.
+        # One form per engine (the class count is fixed): the own answers and their combination must match.
+        self._ensemble_in_python = self.num_classes <= _PY_ENSEMBLE_MAX_CLASSES
         self._ensemble_terms: list[tuple[tuple[int, ...], tuple[float, ...]]] = []
         self._log_needed: list[bool] = [False] * self.num_stages
         for k, row in enumerate(self.ensemble_weights or []):
@@ -679,7 +681,7 @@ class StagedEngine:
             blocks += out.block_s
             head_s += out.head_s
             if out.stage < k and self._log_needed[out.stage]:  # exit k's own answer is kept when its result is built
-                self._own_log_probs[out.stage] = _own_log_probs(out.probs)
+                self._own_log_probs[out.stage] = _own_log_probs(out.probs, self._ensemble_in_python)
         assert out is not None
         return StageOutput(k, out.probs, blocks, head_s, out.ready_time)
 
@@ -693,11 +695,11 @@ class StagedEngine:
         k = out.stage
         own = self._own_log_probs
         if self._log_needed[k]:
-            own[k] = _own_log_probs(out.probs)
+            own[k] = _own_log_probs(out.probs, self._ensemble_in_python)
         support, weights = self._ensemble_terms[k]
         if not support:  # the row is exit k alone: its own answer, no per-exit numpy work
             return out.probs
-        if len(out.probs) <= _PY_ENSEMBLE_MAX_CLASSES:
+        if self._ensemble_in_python:
             # Python floats (float64, as the core's rule): for a few classes each numpy call on a
             # (C,) array costs more in dispatch than its arithmetic, and this runs after every exit.
             z = [weights[0] * v for v in own[support[0]]]
@@ -825,6 +827,7 @@ class StagedEngine:
         report.probed_stages = probed
 
     def _callback_estimate(self) -> float:
+        """Seconds reserved for handing one answer over: the longest of the recent ``on_result`` calls."""
         return max(self._callback_s) if self._callback_s else 0.0
 
     def _result(self, out: StageOutput, began: float, stop: StopReason) -> StageResult:
