@@ -993,8 +993,8 @@ def verdict_lines(name: str, s1: dict[str, Any], cv: dict[str, Any]) -> list[str
             ok = all(g >= 0.01 for g in gains)
             lines.append(f"- target (OURS >= best baseline + 1.0 on every scheme): **{'met' if ok else 'not met'}**")
         else:
-            ok = s1["wins"]["OURS"] == n and s1["contested_gain"]["OURS"] >= 0.02
             contested = s1["contested_gain"]["OURS"]
+            ok = s1["wins"]["OURS"] == n and contested >= 0.02
             lines.append(f"- target (OURS beats the best baseline on {n}/{n} schemes and mean ILIN/IPOLY gain >= +2): "
                          f"**{'met' if ok else 'not met'}** ({s1['wins']['OURS']}/{n}, "
                          + (f"{100 * contested:+.2f})" if math.isfinite(contested) else "ILIN/IPOLY not in this run)"))

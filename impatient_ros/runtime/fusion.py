@@ -199,6 +199,11 @@ def fuse_heads(net: nn.Module) -> list[str]:
 BLOCK_CHECK_RTOL = 1e-4
 
 
+def _batch_norms(module: nn.Module) -> int:
+    """How many batch-norm layers ``module`` holds (before and after fusion tell what folded)."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 def fuse_block(block: nn.Module, input_shape: tuple[int, int, int]) -> tuple[nn.Module, str]:
     """The inference form of one backbone block in eval mode for inputs (C, H, W), and what was done.
 
@@ -209,14 +214,14 @@ def fuse_block(block: nn.Module, input_shape: tuple[int, int, int]) -> tuple[nn.
         raise ValueError("fuse_block needs a block in evaluation mode (call .eval() first)")
     from torch.fx.experimental.optimization import fuse
 
-    norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.modules())
+    norms = _batch_norms(block)
     if norms == 0:
         return block, "unchanged (no batch norm)"
     try:
         fused = fuse(block, inplace=False)
     except Exception as exc:  # noqa: BLE001 - a data-dependent forward cannot be traced: keep it
         return block, f"unchanged (not traceable: {type(exc).__name__})"
-    left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    left = _batch_norms(fused)
     if left == norms:
         return block, "unchanged (no conv + batch norm pair)"
     param = next(block.parameters())
