@@ -580,8 +580,8 @@ def test_results_ranked_when_read_equal_eager_ones(checkpoint, image):
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.class_id = 3
     # ties keep the lower id first, as a stable argsort does
-    from impatient_ros.runtime.engine import _rank
-    assert _rank(np.array([0.25, 0.5, 0.25, 0.0], dtype=np.float32), 3)[0] == [1, 0, 2]
+    from impatient_ros.runtime.stage_results import rank
+    assert rank(np.array([0.25, 0.5, 0.25, 0.0], dtype=np.float32), 3)[0] == [1, 0, 2]
 
 
 # --------------------------------------------------------------------------- CUDA (skipped without a GPU)

@@ -35,8 +35,8 @@ Rules that hold in every mode:
   deadlines, ready times and measured CPU stage times are in that clock's
   seconds. Tests pass a fake clock to run the real network with known costs.
 
-``ratio_1v2`` is ``p1 / max(p2, 1e-12)``: the clamp keeps the ratio finite
-when the runner-up probability underflows to zero in float32.
+An exit's answer (its ranking computed when first read, ``ratio_1v2`` floored)
+is built by :mod:`impatient_ros.runtime.stage_results`.
 
 How a stage runs on the device is :mod:`impatient_ros.runtime.executors`; this
 module is the policy around it. It stays one file: admission, the modes, the
@@ -91,6 +91,7 @@ from impatient_ros.runtime.device import DeviceFallbackWarning, DeviceUnavailabl
 from impatient_ros.runtime.fusion import fuse_blocks as fuse_blocks_of
 from impatient_ros.runtime.fusion import fuse_heads as fuse_heads_of
 from impatient_ros.runtime.preprocess import Preprocessor
+from impatient_ros.runtime.stage_results import RATIO_EPSILON, made_final, stage_result
 from impatient_ros.runtime.timing import TimingError, TimingModel
 
 if TYPE_CHECKING:  # the engine only reads .net, .preprocessing, .class_names (and .ensemble if present)
@@ -115,7 +116,6 @@ __all__ = [
 # 1-vs-2 ratio at which the cascade stops by default: a starting point only; fit it
 # on validation data for the accuracy/time trade-off you need (paper, Fig. 6).
 DEFAULT_CASCADE_THRESHOLD = 3.0
-RATIO_EPSILON = 1e-12  # floor for the runner-up probability in ratio_1v2
 # Host-side cost per CUDA stage (graph launch, event wait, wake-up) that device-time
 # measurements miss; used until calibrate() measures it on the actual machine.
 _DEFAULT_CUDA_OVERHEAD_S = 50e-6
@@ -128,60 +128,6 @@ def _own_log_probs(probs: np.ndarray, in_python: bool) -> list[float] | np.ndarr
     if in_python:
         return [math.log(v if v > _ENSEMBLE_EPS else _ENSEMBLE_EPS) for v in probs.tolist()]
     return np.log(np.maximum(probs, _ENSEMBLE_EPS))
-
-
-_RANKING_FIELDS = ("class_id", "label", "score", "top_ids", "top_scores", "ratio_1v2")
-
-
-def _ranking_field(name: str) -> property:
-    def read(self: StageResult) -> Any:
-        values = self.__dict__
-        if name not in values:
-            top_k, class_names = values["_ranking_of"]
-            top_ids, top_scores, ratio = _rank(values["probs"], top_k)
-            class_id = top_ids[0]
-            values.update(class_id=class_id, score=top_scores[0], top_ids=top_ids, top_scores=top_scores,
-                          ratio_1v2=ratio,
-                          label=class_names[class_id] if class_id < len(class_names) else str(class_id))
-        return values[name]
-
-    def write(self: StageResult, value: Any) -> None:  # only the dataclass __init__ sets fields
-        self.__dict__[name] = value
-
-    return property(read, write, doc=f"StageResult.{name}, ranked from probs when first read")
-
-
-class _LazyStageResult(StageResult):
-    """A :class:`StageResult` whose ranking (class_id, label, score, top-k, ratio_1v2) is computed when read.
-
-    Every field reads as in a StageResult built with all of them (same values,
-    same types; ``dataclasses.replace`` and ``==`` work); the top-k sort of the
-    probabilities runs once, on the first read of any of them, so an exit
-    nobody looks at costs no ranking. The engine builds it by filling
-    ``__dict__`` (the frozen dataclass ``__init__`` sets 14 fields one by one).
-    """
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, StageResult):
-            return NotImplemented
-        return all(getattr(self, f.name) is getattr(other, f.name) or getattr(self, f.name) == getattr(other, f.name)
-                   for f in dataclasses.fields(StageResult))
-
-    __hash__ = None  # type: ignore[assignment]  # as StageResult's: eq without a hash (probs is an array)
-
-
-for _name in _RANKING_FIELDS:
-    setattr(_LazyStageResult, _name, _ranking_field(_name))
-del _name
-
-_new_object = object.__new__
-# The lazy result fills __dict__ directly: only while StageResult is a plain frozen dataclass of these fields.
-_LAZY_RESULT = (
-    "__slots__" not in vars(StageResult) and not hasattr(StageResult, "__post_init__")
-    and [f.name for f in dataclasses.fields(StageResult)] == [
-        "stage", "num_stages", "class_id", "label", "score", "top_ids", "top_scores", "ratio_1v2", "probs",
-        "ready_time", "elapsed_s", "is_final", "stop_reason", "repeated", "ensemble"]
-)
 
 
 @dataclass(frozen=True)
@@ -831,25 +777,13 @@ class StagedEngine:
         return max(self._callback_s) if self._callback_s else 0.0
 
     def _result(self, out: StageOutput, began: float, stop: StopReason) -> StageResult:
-        """The StageResult of one exit (ranked from its probabilities when first read, see _LazyStageResult).
+        """The StageResult of one exit (ranked from its probabilities when first read, see stage_results).
 
         Called once per exit that is handed over, in stage order (the ensemble relies on it).
         """
         ensemble = self.ensemble_weights is not None
-        probs = self._answer(out) if ensemble else out.probs
-        if _LAZY_RESULT:
-            result = _new_object(_LazyStageResult)
-            result.__dict__.update(
-                stage=out.stage + 1, num_stages=self.num_stages, probs=probs, ready_time=out.ready_time,
-                elapsed_s=out.ready_time - began, is_final=stop is not StopReason.NONE, stop_reason=stop,
-                repeated=False, ensemble=ensemble, _ranking_of=(self.top_k, self.class_names))
-            return result
-        top_ids, top_scores, ratio = _rank(probs, self.top_k)
-        class_id, names = top_ids[0], self.class_names
-        return StageResult(out.stage + 1, self.num_stages, class_id,
-                           names[class_id] if class_id < len(names) else str(class_id), top_scores[0], top_ids,
-                           top_scores, ratio, probs, out.ready_time, out.ready_time - began,
-                           stop is not StopReason.NONE, stop, ensemble=ensemble)
+        return stage_result(out.stage + 1, self.num_stages, self._answer(out) if ensemble else out.probs,
+                            out.ready_time, out.ready_time - began, stop, ensemble, self.top_k, self.class_names)
 
     def _emit(self, report: RunReport, out: StageOutput, result: StageResult | None, stop: StopReason,
               predicted: float, started: float, deepest: int,
@@ -858,10 +792,7 @@ class StagedEngine:
         if result is None:
             result = self._result(out, report.began_at, stop)
         elif stop is not StopReason.NONE:  # built before the stop decision (the cascade reads its ratio)
-            if _LAZY_RESULT:  # not handed over yet: nobody saw it as not final
-                result.__dict__.update(is_final=True, stop_reason=stop)
-            else:
-                result = dataclasses.replace(result, is_final=True, stop_reason=stop)
+            result = made_final(result, stop)  # not handed over yet: nobody saw it as not final
         report.results.append(result)
         report.predicted_s.append(predicted)
         blocks = out.block_s
@@ -1108,24 +1039,3 @@ _NO_SCOPE = contextlib.nullcontext()
 def _inference_mode() -> contextlib.AbstractContextManager[Any]:
     """``torch.inference_mode()``, or nothing when the caller already runs in it (benchmarks, the node)."""
     return _NO_SCOPE if torch.is_inference_mode_enabled() else torch.inference_mode()
-
-
-def _rank(probs: np.ndarray, top_k: int) -> tuple[list[int], list[float], float]:
-    """Top-k ids and scores (best first, ties by lower id) and the 1-vs-2 ratio.
-
-    The runner-up is floored at RATIO_EPSILON so the ratio stays finite. Up to
-    64 classes a Python sort of the values is cheaper than numpy's argsort of
-    a small array (stable, so ties keep the lower id first, as argsort does).
-    """
-    n = len(probs)
-    if n <= 64:
-        values = probs.tolist()
-        order = sorted(range(n), key=values.__getitem__, reverse=True)
-        top_ids = order[:top_k]
-        top_scores = [values[i] for i in top_ids]
-        p2 = values[order[1]] if n > 1 else 0.0
-        return top_ids, top_scores, top_scores[0] / max(p2, RATIO_EPSILON)
-    order = np.argsort(-probs, kind="stable")
-    p1, p2 = probs[order[:2]].tolist()
-    top = order[:top_k]
-    return top.tolist(), probs[top].tolist(), p1 / max(p2, RATIO_EPSILON)
