@@ -121,9 +121,11 @@ class Regime:
     lr_grid: tuple[float, ...] = ()
     lr_grid_ft: tuple[float, ...] = ()  # FT's own grid (default: lr_grid)
     lr_grid_ours: tuple[float, ...] = ()  # PAPER's own grid (default: lr_grid)
-    # OURS (--recipe impatient) for a pretrained backbone: its own grid, chosen on val by OURS(EQ)'s best-epoch val
-    # E[acc]. Without pretrained weights the impatient recipe trains exactly what the paper recipe trains (no
-    # LP-FT start), so OURS takes PAPER's networks and adds only the post-hoc levers (refit, ensemble).
+    # OURS (--recipe impatient): its own grid, chosen on val at the first seed. Pretrained backbone: by OURS(EQ)'s
+    # best-epoch val E[acc], used for every scheme. Without pretrained weights the impatient recipe trains exactly
+    # what the paper recipe trains (no LP-FT start): OURS takes the paper recipe's network of each scheme at the
+    # rate that scheme's own best-epoch val E[acc] chose, and adds the post-hoc levers (refit, ensemble). Empty:
+    # PAPER's rate.
     lr_grid_impatient: tuple[float, ...] = ()
     probe_Cs: tuple[float, ...] = DEFAULT_CS
     # Which checkpoint of a run is evaluated ("best": the epoch best on val, "last": the end of the schedule)
@@ -147,7 +149,7 @@ PLANS: dict[str, dict[str, Regime]] = {
         "smallcnn": Regime("smallcnn", "smallcnn_tiny", False, (28, 28), train_per_class=500, val_per_class=100,
                            test_per_class=None, epochs=10, lr=0.1, batch_size=128, augmentation="none",
                            lr_grid_ft=(0.01, 0.03, 0.1), lr_grid_ours=(0.03, 0.1, 0.3),
-                           distill_schemes=("ILIN", "IPOLY")),
+                           distill_schemes=("ILIN", "IPOLY"), lr_grid_impatient=(0.03, 0.1, 0.3)),
         # 64x64: at 32x32 the last stage sees 1x1 maps; STD's last exit reached 13 % val accuracy (49.5 %
         # after BN re-estimation). EfficientNet-Lite0's batch norm keeps the TF port's momentum 0.01: in a
         # 200-step fine-tune its running statistics lag far behind (eval-mode accuracy of the deep exits
@@ -468,21 +470,21 @@ def run_regime(regime: Regime, seeds: list[int], work: Path, clock: Clock, disti
 
     def config(scheme: str, seed: int, dist: bool, recipe: str = "paper") -> TrainConfig:
         if recipe == "impatient":
-            return impatient_config(regime, scheme, seed, work, lr_choice["IMP"])
-        lr = lr_choice["FT" if scheme == "STD" else "OURS"]
-        out = work / regime.name / f"seed{seed}" / f"{scheme}{'_distill' if dist else ''}_lr{lr:g}"
-        return train_config(regime, scheme, seed, dist, out, {"optim.lr": lr})
+            return impatient_config(regime, scheme, seed, work, lr_choice["IMP"][scheme])
+        return paper_config(regime, scheme, seed, dist, work, lr_choice["FT" if scheme == "STD" else "OURS"])
 
     def run(scheme: str, seed: int, dist: bool) -> Path:
         return train_network(config(scheme, seed, dist), clock)
 
-    # Every network of every seed first (in parallel with --jobs), then the evaluation walks them in order.
+    # Every network of every seed first (in parallel with --jobs), then the evaluation walks them in order. OURS
+    # without pretrained weights: the paper recipe's run of each scheme at OURS's rate (PAPER's run where equal).
     train_many([config(scheme, seed, dist) for seed in seeds
                 for scheme, dist in [("STD", False)] + [(s_, d) for s_ in regime.schemes for d in
                                                         [False] + ([True] if distill and s_ in regime.distill_schemes
                                                                    else [])]]
-               + ([config(s_, seed, False, "impatient") for seed in seeds for s_ in regime.schemes]
-                  if regime.pretrained else []), clock)
+               + [config(s_, seed, False, "impatient") if regime.pretrained
+                  else paper_config(regime, s_, seed, False, work, lr_choice["IMP"][s_])
+                  for seed in seeds for s_ in regime.schemes], clock)
 
     for seed in seeds:
         res: dict[str, Any] = {"OURS": {}, "OURS+distill": {}, "OURS+refit": {}}
@@ -554,7 +556,7 @@ def run_regime(regime: Regime, seeds: list[int], work: Path, clock: Clock, disti
         res.update({"OURS": {}, "OURS trained": {}, "OURS+refit": {}, "OURS levers": {}})
         for scheme in regime.schemes:
             say(f"seed {seed}: OURS (impatient recipe) {scheme}")
-            best = impatient_network(regime, scheme, seed, config, run, clock)
+            best = impatient_network(regime, scheme, seed, config, work, lr_choice['IMP'][scheme], clock)
             trained = load_checkpoint(best.with_name("best_trained.pt"))
             final = load_checkpoint(best)
             o_tr = run_outputs(trained.net, splits, ("val", "test"), False, clock)
@@ -611,6 +613,12 @@ def select_lr(regime: Regime, seed: int, work: Path, clock: Clock) -> dict[str, 
     return {**choice, "scores": scores, **select_lr_impatient(regime, seed, work, clock, choice["OURS"])}
 
 
+def paper_config(regime: Regime, scheme: str, seed: int, distill: bool, work: Path, lr: float) -> TrainConfig:
+    """The TrainConfig of a paper-recipe run (FT's STD network, PAPER, OURS's network without pretrained weights)."""
+    out = work / regime.name / f"seed{seed}" / f"{scheme}{'_distill' if distill else ''}_lr{lr:g}"
+    return train_config(regime, scheme, seed, distill, out, {"optim.lr": lr})
+
+
 def impatient_config(regime: Regime, scheme: str, seed: int, work: Path, lr: float) -> TrainConfig:
     """The TrainConfig of an OURS (--recipe impatient) run."""
     out = work / regime.name / f"seed{seed}" / f"{scheme}_impatient_lr{lr:g}"
@@ -618,31 +626,53 @@ def impatient_config(regime: Regime, scheme: str, seed: int, work: Path, lr: flo
 
 
 def select_lr_impatient(regime: Regime, seed: int, work: Path, clock: Clock, paper_lr: float) -> dict[str, Any]:
-    """OURS's learning rate: PAPER's without pretrained weights (same training); else chosen on val at ``seed``.
+    """OURS's learning rate per scheme, chosen on val at ``seed`` from ``regime.lr_grid_impatient``.
 
-    The score is OURS(EQ)'s validation E[acc] at the epoch the trainer chose (before refit and ensemble).
+    Pretrained backbone: OURS(EQ)'s validation E[acc] at the epoch the trainer chose (before refit and
+    ensemble), one rate for every scheme (each impatient run of a grid point costs a full fine-tune). Without
+    pretrained weights: each scheme's own paper-recipe network (the impatient recipe trains the same one), scored
+    by that scheme's validation E[acc] at its best epoch; the grid's runs at PAPER's rate are PAPER's own runs.
+    ``IMP``: {scheme: rate}; ``IMP_scores``: {scheme or "EQ": {rate: score}} (None: no choice was made).
     """
     grid = regime.lr_grid_impatient or (paper_lr,)
-    if not regime.pretrained or len(grid) == 1:
-        return {"IMP": grid[0] if regime.pretrained else paper_lr, "IMP_scores": None}
-    cfgs = [impatient_config(regime, "EQ", seed, work, lr) for lr in grid]
-    train_many(cfgs, clock)
-    scores = {}
-    for lr, cfg in zip(grid, cfgs):
+    if len(grid) == 1:
+        return {"IMP": {s: grid[0] for s in regime.schemes}, "IMP_scores": None}
+    if regime.pretrained:
+        cfgs = [impatient_config(regime, "EQ", seed, work, lr) for lr in grid]
+        train_many(cfgs, clock)
+        eq: dict[float, float] = {}
+        for lr, cfg in zip(grid, cfgs):
+            best = train_network(cfg, clock)
+            extra = load_checkpoint(best.with_name("best_trained.pt")).meta.get("extra") or {}
+            eq[lr] = float(extra.get("val_expected_accuracy") or 0.0)
+        choice = max(eq, key=lambda lr: (eq[lr], -lr))
+        say(f"lr chosen on val for OURS (impatient): {choice:g} (scores {eq})")
+        return {"IMP": {s: choice for s in regime.schemes}, "IMP_scores": {"EQ": eq}}
+    cfgs = {(s, lr): paper_config(regime, s, seed, False, work, lr) for s in regime.schemes for lr in grid}
+    train_many(list(cfgs.values()), clock)
+    scores: dict[str, dict[float, float]] = {s: {} for s in regime.schemes}
+    for (s, lr), cfg in cfgs.items():
         best = train_network(cfg, clock)
-        extra = load_checkpoint(best.with_name("best_trained.pt")).meta.get("extra") or {}
-        scores[lr] = float(extra.get("val_expected_accuracy") or 0.0)
-    choice = max(scores, key=lambda lr: (scores[lr], -lr))
-    say(f"lr chosen on val for OURS (impatient): {choice:g} (scores {scores})")
-    return {"IMP": choice, "IMP_scores": scores}
+        if regime.checkpoint == "best" and not regime.recalibrate_bn:
+            val_acc = load_checkpoint(best).exit_accuracy or []  # the trainer's own val pass of that epoch
+        else:
+            loaded = load_trained(regime, best, None, clock)
+            o = run_outputs(loaded.net, load_splits(regime, seed, loaded.preprocessing), ("val",), False, clock)["val"]
+            val_acc = exit_accuracy(o.logits, o.labels).tolist()
+        scores[s][lr] = expected(val_acc, s)
+    chosen = {s: max(sc, key=lambda lr: (sc[lr], -lr)) for s, sc in scores.items()}
+    say(f"lr chosen on val per scheme for OURS: {chosen} (scores {scores})")
+    return {"IMP": chosen, "IMP_scores": scores}
 
 
-def impatient_network(regime: Regime, scheme: str, seed: int, config: Any, run: Any, clock: Clock) -> Path:
-    """best.pt of the OURS (--recipe impatient) network of ``scheme``.
+def impatient_network(regime: Regime, scheme: str, seed: int, config: Any, work: Path, lr: float,
+                      clock: Clock) -> Path:
+    """best.pt of the OURS (--recipe impatient) network of ``scheme`` at OURS's rate ``lr``.
 
     Pretrained backbone: trained by the trainer with the impatient recipe. Otherwise the impatient recipe's
-    training is the paper recipe's (no LP-FT start; the same joint training), so PAPER's chosen epoch is
-    copied and only the post-hoc levers (refit, ensemble) run on it (training.recipe.finalize_run_dir).
+    training is the paper recipe's (no LP-FT start; the same joint training), so the paper-recipe run's chosen
+    epoch at ``lr`` is copied and only the post-hoc levers (refit, ensemble) run on it
+    (training.recipe.finalize_run_dir).
     """
     import shutil
 
@@ -654,7 +684,7 @@ def impatient_network(regime: Regime, scheme: str, seed: int, config: Any, run: 
     out = Path(cfg.out)
     if _finished(cfg) is not None and (out / "best_trained.pt").is_file():
         return out / "best.pt"
-    paper_best = run(scheme, seed, False)
+    paper_best = train_network(paper_config(regime, scheme, seed, False, work, lr), clock)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("best.pt", "best.pt.sha256"):
         if (paper_best.parent / name).is_file():
@@ -961,15 +991,29 @@ def lr_text(lr: dict[str, Any]) -> str:
     """How the learning rates were chosen."""
     imp = ""
     if "IMP" in lr:
-        imp = f"; OURS {lr['IMP']:g}" + (" (PAPER's: the same training)" if not lr.get("IMP_scores") else
-                                         " (chosen on val at the first seed by OURS(EQ)'s best-epoch val E[acc]: "
-                                         + ", ".join(f"{k:g} -> {100 * v:.2f}" for k, v in lr["IMP_scores"].items())
-                                         + ")")
+        imp = "; " + impatient_lr_text(lr["IMP"], lr.get("IMP_scores"))
     if not lr.get("scores"):
         return f"FT {lr['FT']:g} / PAPER {lr['OURS']:g} (as the earlier full run chose them on val at seed 0){imp}"
     scores = "; ".join(f"{m}: " + ", ".join(f"{k:g} -> {100 * v:.2f}" for k, v in s.items()) for m, s in lr["scores"].items())
     return (f"FT {lr['FT']:g} / PAPER {lr['OURS']:g}, chosen on val at the first seed (STD last-exit val accuracy / "
             f"PAPER(EQ) val E[acc]: {scores}){imp}")
+
+
+def impatient_lr_text(chosen: dict[str, float] | float, scores: dict[str, dict[float, float]] | None) -> str:
+    """How OURS's rates were chosen (``chosen``: {scheme: rate}; a bare float from results of before per-scheme rates)."""
+    if not isinstance(chosen, dict):
+        chosen, scores = {"EQ": chosen}, ({"EQ": scores} if scores else None)
+    rates = sorted(set(chosen.values()))
+    if not scores:
+        return f"OURS {rates[0]:g} (PAPER's: the same training)" if len(rates) == 1 else \
+            "OURS " + ", ".join(f"{s} {r:g}" for s, r in chosen.items())
+    def grid(sc: dict[float, float]) -> str:
+        return ", ".join(f"{k:g} -> {100 * v:.2f}" for k, v in sc.items())
+    if list(scores) == ["EQ"]:
+        return (f"OURS {rates[0]:g} (chosen on val at the first seed by OURS(EQ)'s best-epoch val E[acc]: "
+                f"{grid(scores['EQ'])})")
+    return ("OURS per scheme, chosen on val at the first seed by each scheme's best-epoch val E[acc] of its "
+            "paper-recipe network: " + "; ".join(f"{s} {chosen[s]:g} ({grid(sc)})" for s, sc in scores.items()))
 
 
 def verdict_lines(name: str, s1: dict[str, Any], cv: dict[str, Any]) -> list[str]:
