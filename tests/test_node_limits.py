@@ -7,6 +7,7 @@ could not use, a header that made every output huge, image stamps that silenced 
   never copied into an output.
 * With ``reference_time: stamp`` a stamp older than ``max_stamp_age_s`` or in the future falls back to the
   arrival time and is counted; a plausible old stamp is honoured and its age counts against the budget.
+* SIGTERM while the node is being built (a launch stopped right after it started) ends it quietly, status 0.
 
 One node process serves the module (a random-weight smallcnn at 64x64; the image subscription is reliable,
 so the 8 MB frame_id crosses the default Fast DDS transport); the two broken start-ups are processes of
@@ -214,3 +215,34 @@ def test_implausible_stamps_fall_back_to_arrival_and_plausible_ones_count_their_
     assert delta("frames_no_time", before, middle) == 0
     assert delta("reference_fallback_stamp_too_old", middle, after) == 1
     assert delta("frames_no_time", middle, after) == 1
+
+
+# A stand-in for ``ros2 launch`` stopped right after it started the node: the process receives SIGTERM
+# while ImpatientNode's constructor runs (sent from inside it, so the moment is exact, then a pause for
+# rclpy's signal thread to shut the context down). The constructor then fails on the invalid context.
+_SIGTERM_IN_CONSTRUCTOR = """
+import os, signal, sys, time
+from impatient_ros.ros import node as node_module
+build = node_module.ImpatientNode.__init__
+def interrupted_init(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    build(self, *args, **kwargs)
+node_module.ImpatientNode.__init__ = interrupted_init
+sys.exit(node_module.main())
+"""
+
+
+def test_sigterm_while_the_node_is_built_is_a_quiet_shutdown(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from tests.ros.node_harness import REPO
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    done = subprocess.run([sys.executable, "-c", _SIGTERM_IN_CONSTRUCTOR], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Traceback" not in output, output
+    assert "shut down while starting" in output

@@ -882,6 +882,13 @@ def main(args: Sequence[str] | None = None) -> int:
         status = 2
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # SIGINT/SIGTERM while the node is being built (ros2 launch stopped right after starting it)
+        # shuts the context down under the constructor, which then fails on the invalid context: that
+        # is a shutdown, not a failure. With the context still up it is a real error.
+        if rclpy.ok():
+            raise
+        print(f"{NODE_NAME}: shut down while starting", file=sys.stderr)
     finally:
         if node is not None:
             node.release_all()
