@@ -127,6 +127,10 @@ class Regime:
     # rate that scheme's own best-epoch val E[acc] chose, and adds the post-hoc levers (refit, ensemble). Empty:
     # PAPER's rate.
     lr_grid_impatient: tuple[float, ...] = ()
+    # Pretrained backbone: further OURS candidates beside the grid's rates, each a tuple of (dotted TrainConfig
+    # field, value) pairs that includes "optim.lr" (e.g. more epochs, slower blocks). With any, every candidate is
+    # scored by OURS(EQ)'s val E[acc] of the finished recipe (after refit and ensemble), not of the trained epoch.
+    impatient_variants: tuple[tuple[tuple[str, Any], ...], ...] = ()
     probe_Cs: tuple[float, ...] = DEFAULT_CS
     # Which checkpoint of a run is evaluated ("best": the epoch best on val, "last": the end of the schedule)
     # and whether batch-norm statistics are re-estimated on the training images first (see recalibrate_bn).
@@ -144,6 +148,20 @@ class Regime:
 # self-distillation lowered OURS's val accuracy, so it runs only where the column is reported. The
 # learning-rate grids reach past the values picked at seed 0 from two-value grids (smallcnn FT 0.03 /
 # OURS 0.1, lite0 FT 0.005 / OURS 0.02: each at an edge of its grid in an earlier seed-0 run).
+# OURS's further candidates in the lite0 regime (seed 0, chosen on val with the grid's rates): at 5 epochs and lr
+# 0.002 the fine-tune never beat its LP-FT start (ORIG) on val, so OURS was ORIG + ensemble. Slower or longer
+# fine-tunes, slower blocks (a tenth of the heads' rate: the heads adapt, the features move little) and light
+# augmentation; each costs one Lite0 fine-tune (3-8 min here).
+LITE0_IMPATIENT_VARIANTS: tuple[tuple[tuple[str, Any], ...], ...] = (
+    (("optim.lr", 0.0005), ("optim.epochs", 10)),
+    (("optim.lr", 0.001), ("optim.epochs", 10)),
+    (("optim.lr", 0.001), ("optim.epochs", 20)),
+    (("optim.lr", 0.002), ("optim.epochs", 10), ("optim.backbone_lr_scale", 0.1)),
+    (("optim.lr", 0.002), ("optim.epochs", 20), ("optim.backbone_lr_scale", 0.1)),
+    (("optim.lr", 0.005), ("optim.epochs", 10), ("optim.backbone_lr_scale", 0.1)),
+    (("optim.lr", 0.002), ("optim.epochs", 10), ("data.augmentation", "light")),
+)
+
 PLANS: dict[str, dict[str, Regime]] = {
     "full": {
         "smallcnn": Regime("smallcnn", "smallcnn_tiny", False, (28, 28), train_per_class=500, val_per_class=100,
@@ -162,7 +180,7 @@ PLANS: dict[str, dict[str, Regime]] = {
                         lr_grid_ft=(0.002, 0.005, 0.02), lr_grid_ours=(0.005, 0.02, 0.05),
                         schemes=("EQ", "ILIN", "IPOLY"), distill_schemes=(),
                         timing_iterations=50, checkpoint="last", recalibrate_bn=True,
-                        lr_grid_impatient=(0.002, 0.005)),
+                        lr_grid_impatient=(0.002, 0.005), impatient_variants=LITE0_IMPATIENT_VARIANTS),
         # Opt-in (--regimes lite0_slow_backbone): lite0 with the backbone's blocks at a tenth of the heads'
         # learning rate, for FT's STD network and OURS alike. ORIG's frozen pretrained features beat every
         # fine-tuned column of the lite0 regime: with 1,000 labelled images, fine-tuning at the heads' rate
@@ -470,7 +488,7 @@ def run_regime(regime: Regime, seeds: list[int], work: Path, clock: Clock, disti
 
     def config(scheme: str, seed: int, dist: bool, recipe: str = "paper") -> TrainConfig:
         if recipe == "impatient":
-            return impatient_config(regime, scheme, seed, work, lr_choice["IMP"][scheme])
+            return impatient_config(regime, scheme, seed, work, lr_choice["IMP"][scheme], lr_choice.get("IMP_variant"))
         return paper_config(regime, scheme, seed, dist, work, lr_choice["FT" if scheme == "STD" else "OURS"])
 
     def run(scheme: str, seed: int, dist: bool) -> Path:
@@ -619,22 +637,54 @@ def paper_config(regime: Regime, scheme: str, seed: int, distill: bool, work: Pa
     return train_config(regime, scheme, seed, distill, out, {"optim.lr": lr})
 
 
-def impatient_config(regime: Regime, scheme: str, seed: int, work: Path, lr: float) -> TrainConfig:
-    """The TrainConfig of an OURS (--recipe impatient) run."""
-    out = work / regime.name / f"seed{seed}" / f"{scheme}_impatient_lr{lr:g}"
-    return train_config(regime, scheme, seed, False, out, {"optim.lr": lr}, recipe="impatient")
+def impatient_config(regime: Regime, scheme: str, seed: int, work: Path, lr: float,
+                     variant: dict[str, Any] | None = None) -> TrainConfig:
+    """The TrainConfig of an OURS (--recipe impatient) run (``variant``: further overrides beside the rate)."""
+    extra = {k: v for k, v in (variant or {}).items() if k != "optim.lr"}
+    suffix = "".join(f"_{k.rpartition('.')[2]}{v:g}" if isinstance(v, float) else f"_{k.rpartition('.')[2]}{v}"
+                     for k, v in sorted(extra.items()))
+    out = work / regime.name / f"seed{seed}" / f"{scheme}_impatient_lr{lr:g}{suffix}"
+    return train_config(regime, scheme, seed, False, out, {"optim.lr": lr, **extra}, recipe="impatient")
+
+
+def _finalized_val_expected(best: Path) -> float:
+    """The val E[acc] (its scheme's weights) of a finished impatient run after refit and ensemble."""
+    for line in reversed((best.parent / "metrics.jsonl").read_text().splitlines()):
+        record = json.loads(line)
+        if record.get("event") == "finalize":
+            return float(record["val_ensemble_expected_accuracy"])
+    raise RuntimeError(f"{best.parent}: no finalize record in metrics.jsonl")
+
+
+def variant_name(variant: dict[str, Any]) -> str:
+    """A candidate of OURS as text: "lr 0.002, epochs 10, backbone_lr_scale 0.1"."""
+    return ", ".join(f"{k.rpartition('.')[2]} {v:g}" if isinstance(v, (int, float)) else f"{k.rpartition('.')[2]} {v}"
+                     for k, v in sorted(variant.items(), key=lambda kv: kv[0] != "optim.lr"))
 
 
 def select_lr_impatient(regime: Regime, seed: int, work: Path, clock: Clock, paper_lr: float) -> dict[str, Any]:
     """OURS's learning rate per scheme, chosen on val at ``seed`` from ``regime.lr_grid_impatient``.
 
     Pretrained backbone: OURS(EQ)'s validation E[acc] at the epoch the trainer chose (before refit and
-    ensemble), one rate for every scheme (each impatient run of a grid point costs a full fine-tune). Without
+    ensemble), one rate for every scheme (each impatient run of a grid point costs a full fine-tune); with
+    ``regime.impatient_variants`` the candidates are the grid's rates and those variants, scored by OURS(EQ)'s
+    val E[acc] after refit and ensemble (``IMP_variant``: the chosen candidate's overrides). Without
     pretrained weights: each scheme's own paper-recipe network (the impatient recipe trains the same one), scored
     by that scheme's validation E[acc] at its best epoch; the grid's runs at PAPER's rate are PAPER's own runs.
-    ``IMP``: {scheme: rate}; ``IMP_scores``: {scheme or "EQ": {rate: score}} (None: no choice was made).
+    ``IMP``: {scheme: rate}; ``IMP_scores``: {scheme or "EQ": {rate (or candidate): score}} (None: no choice).
     """
     grid = regime.lr_grid_impatient or (paper_lr,)
+    if regime.pretrained and regime.impatient_variants:
+        candidates = [{"optim.lr": lr} for lr in grid] + [dict(v) for v in regime.impatient_variants]
+        cfgs = [impatient_config(regime, "EQ", seed, work, c["optim.lr"], c) for c in candidates]
+        train_many(cfgs, clock)
+        scored = [(_finalized_val_expected(train_network(cfg, clock)), c) for c, cfg in zip(candidates, cfgs)]
+        best_score = max(score for score, _ in scored)
+        chosen = next(c for score, c in scored if score == best_score)  # ties: the first (the grid's lowest rate)
+        say(f"OURS chosen on val (impatient, after refit and ensemble): {variant_name(chosen)} "
+            f"(scores {[(variant_name(c), round(100 * v, 2)) for v, c in scored]})")
+        return {"IMP": {s: chosen["optim.lr"] for s in regime.schemes}, "IMP_variant": chosen,
+                "IMP_scores": {"EQ": {variant_name(c): v for v, c in scored}}}
     if len(grid) == 1:
         return {"IMP": {s: grid[0] for s in regime.schemes}, "IMP_scores": None}
     if regime.pretrained:
@@ -990,7 +1040,11 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, clock: Clock
 def lr_text(lr: dict[str, Any]) -> str:
     """How the learning rates were chosen."""
     imp = ""
-    if "IMP" in lr:
+    if lr.get("IMP_variant"):
+        imp = (f"; OURS {variant_name(lr['IMP_variant'])} (chosen on val at the first seed by OURS(EQ)'s val E[acc] "
+               "after refit and ensemble: " + ", ".join(f"{k} -> {100 * v:.2f}" for k, v in lr["IMP_scores"]["EQ"].items())
+               + ")")
+    elif "IMP" in lr:
         imp = "; " + impatient_lr_text(lr["IMP"], lr.get("IMP_scores"))
     if not lr.get("scores"):
         return f"FT {lr['FT']:g} / PAPER {lr['OURS']:g} (as the earlier full run chose them on val at seed 0){imp}"
