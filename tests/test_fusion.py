@@ -9,7 +9,8 @@ import torch
 
 from impatient_ros.runtime.checkpoint import load_checkpoint, save_checkpoint
 from impatient_ros.runtime.engine import StagedEngine
-from impatient_ros.runtime.fusion import FusedHead, fuse_block, fuse_blocks, fuse_head, fuse_heads
+from impatient_ros.runtime.fusion import (FusedHead, call_layers_as_functions, fuse_block, fuse_blocks, fuse_head,
+                                          fuse_heads)
 from impatient_ros.runtime.heads import make_head
 from impatient_ros.runtime.model import NetConfig, build_network
 
@@ -88,7 +89,9 @@ def test_engine_with_and_without_fusion_agree(tmp_path):
     fused = StagedEngine(load_checkpoint(path), "cpu")
     plain = StagedEngine(load_checkpoint(path), "cpu", fuse_heads=False, fuse_blocks=False)
     assert fused.head_kinds and not plain.head_kinds
-    assert fused.block_fusion == ["2 of 2 batch norms folded"] * 4 and not plain.block_fusion
+    assert fused.block_fusion == ["2 of 2 batch norms folded, 4 layers as functions",
+                                  *["2 of 2 batch norms folded, 5 layers as functions"] * 3]
+    assert not plain.block_fusion
     a, b = fused.run(image, "gray"), plain.run(image, "gray")
     assert [r.stage for r in a.results] == [r.stage for r in b.results] == [1, 2, 3, 4]
     for ra, rb in zip(a.results, b.results):
@@ -110,8 +113,12 @@ def _with_statistics(net: torch.nn.Module, shape: tuple[int, ...]) -> torch.nn.M
 
 
 @pytest.mark.parametrize(("backbone", "channels", "size", "folded"), [
-    ("smallcnn", 1, (28, 28), ["2 of 2 batch norms folded"] * 4),
-    ("resnet18", 3, (64, 64), ["5 of 5 batch norms folded"] * 4),  # stem + layer1, then layer2-4 with downsample
+    # smallcnn: conv, ReLU twice, then a max pool from block 2 on; resnet18: stem (conv, ReLU, max pool)
+    # + layer1, then layer2-4 with downsample (conv and ReLU calls only).
+    ("smallcnn", 1, (28, 28), ["2 of 2 batch norms folded, 4 layers as functions",
+                               *["2 of 2 batch norms folded, 5 layers as functions"] * 3]),
+    ("resnet18", 3, (64, 64), ["5 of 5 batch norms folded, 11 layers as functions",
+                               *["5 of 5 batch norms folded, 9 layers as functions"] * 3]),
 ])
 def test_fused_blocks_equal_the_trained_blocks(backbone, channels, size, folded):
     torch.manual_seed(0)
@@ -123,8 +130,26 @@ def test_fused_blocks_equal_the_trained_blocks(backbone, channels, size, folded)
         assert fuse_blocks(net) == folded
         after = net(x)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in net.blocks for m in b.modules())
+    # No module call is left in the fused blocks: the layers run as torch functions on their own weights.
+    assert not [n.target for b in net.blocks for n in b.graph.nodes if n.op == "call_module"]
     for a, b in zip(before, after):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_called_as_functions_read_the_layers_weights():
+    """The rewritten block reads its layers' weights on every call: a changed or converted layer is used."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.Hardswish()).eval()
+    gm = torch.fx.symbolic_trace(block)
+    assert call_layers_as_functions(gm) == 4  # the Hardswish stays a module call
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["4"]
+    x = torch.randn(3, 2, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), block(x), rtol=0, atol=0)
+        block[0].weight.mul_(2.0)  # the GraphModule holds the same layers: it sees the change
+        torch.testing.assert_close(gm(x), block(x), rtol=0, atol=0)
+        torch.testing.assert_close(gm.double()(x.double()), block.double()(x.double()), rtol=0, atol=0)
 
 
 class _DataDependent(torch.nn.Module):

@@ -34,8 +34,12 @@ convolution followed by a batch norm becomes one convolution with a bias, by
 ``torch.fx``'s conv-BN fusion over the block's traced graph, which also runs the
 block as one flat function instead of nested module calls. The smallcnn block
 (conv, BN, ReLU, conv, BN, ReLU) goes from six operator calls to four; torchvision
-residual blocks fold the same way. A block that cannot be traced, or whose fused
-form does not give the same output, stays as it is.
+residual blocks fold the same way. In that flat function the convolutions, ReLUs
+and max pools are then called as torch functions on the layers' own weights
+(:func:`call_layers_as_functions`) rather than as modules: ``nn.Module.__call__``
+(hook checks, the forward lookup) costs a few microseconds per layer, which a
+network of about a millisecond shows (bench/results/engine_cpu.md). A block that
+cannot be traced, or whose fused form does not give the same output, stays as it is.
 """
 
 from __future__ import annotations
@@ -204,6 +208,42 @@ def _batch_norms(module: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def call_layers_as_functions(gm: torch.fx.GraphModule) -> int:
+    """Rewrite ``gm``'s calls of Conv2d (zero padding), ReLU and MaxPool2d modules as torch function calls.
+
+    The layers stay attributes of ``gm`` (their weights are read from them on every call,
+    so ``.to()`` and state dicts work as before); only the module call around the
+    arithmetic goes. Forward hooks on those inner layers no longer run (hooks on
+    ``gm`` itself do). Other modules are left as calls. Returns how many calls it rewrote.
+    """
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        layer, (x,) = modules[node.target], node.args
+        with graph.inserting_before(node):
+            if type(layer) is nn.Conv2d and layer.padding_mode == "zeros":
+                bias = graph.get_attr(f"{node.target}.bias") if layer.bias is not None else None
+                new = graph.call_function(torch.conv2d, (x, graph.get_attr(f"{node.target}.weight"), bias,
+                                                         layer.stride, layer.padding, layer.dilation, layer.groups))
+            elif type(layer) is nn.ReLU:
+                new = graph.call_function(torch.relu_ if layer.inplace else torch.relu, (x,))
+            elif type(layer) is nn.MaxPool2d and not layer.return_indices:
+                new = graph.call_function(torch.max_pool2d, (x, layer.kernel_size, layer.stride, layer.padding,
+                                                             layer.dilation, layer.ceil_mode))
+            else:
+                continue
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        graph.lint()
+        gm.recompile()
+    return rewritten
+
+
 def fuse_block(block: nn.Module, input_shape: tuple[int, int, int]) -> tuple[nn.Module, str]:
     """The inference form of one backbone block in eval mode for inputs (C, H, W), and what was done.
 
@@ -224,6 +264,7 @@ def fuse_block(block: nn.Module, input_shape: tuple[int, int, int]) -> tuple[nn.
     left = _batch_norms(fused)
     if left == norms:
         return block, "unchanged (no conv + batch norm pair)"
+    as_functions = call_layers_as_functions(fused)
     param = next(block.parameters())
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(param)
     with torch.no_grad():
@@ -231,7 +272,8 @@ def fuse_block(block: nn.Module, input_shape: tuple[int, int, int]) -> tuple[nn.
     scale = expected.abs().max().clamp_min(1e-6)
     if got.shape != expected.shape or not bool(((got - expected).abs().max() / scale) <= BLOCK_CHECK_RTOL):
         return block, "unchanged (fused output differs)"
-    return fused.requires_grad_(False), f"{norms - left} of {norms} batch norms folded"
+    what = f"{norms - left} of {norms} batch norms folded, {as_functions} layers as functions"
+    return fused.requires_grad_(False), what
 
 
 def fuse_blocks(net: nn.Module) -> list[str]:
