@@ -37,6 +37,7 @@ import torch
 
 from _common import checkpoint_for, interleaved, median_p90_ms, plain_network, print_table
 from impatient_ros.runtime.engine import Mode, StagedEngine, StopReason
+from impatient_ros.runtime.realtime import use_realtime_priority
 
 
 def part_latency(engine: StagedEngine, reps: int, unfused: torch.nn.Module | None = None) -> None:
@@ -206,13 +207,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-runs", type=int, default=0, help="runs per budget distribution and mode")
     parser.add_argument("--heldout", type=int, default=0, help="held-out runs for the p99 error")
     parser.add_argument("--quick", action="store_true", help="a quarter of the default counts")
+    parser.add_argument("--realtime-priority", type=int, default=0,
+                        help="run this (the measuring) thread under SCHED_FIFO at this priority, as the node's "
+                             "realtime_priority does for its inference thread (0 = the normal scheduler)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # random weights can produce denormals that slow CPU kernels
     models = [args.checkpoint] if args.checkpoint else args.models
+    scheduling = use_realtime_priority(args.realtime_priority)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), device {args.device}, "
-          f"load average {', '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs\n")
+          f"load average {', '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs, "
+          f"thread {scheduling.description}\n")
     for name in models:
         checkpoint = checkpoint_for(name)
         engine = StagedEngine(checkpoint, args.device)

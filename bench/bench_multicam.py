@@ -46,6 +46,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -271,7 +272,7 @@ def node_rss(cameras: int, timeout: float = 120.0) -> dict:
     return {"cameras": cameras, "rss_mib": rss}
 
 
-def _start_node(ns: str, cameras: list[str], budget_ms: float) -> subprocess.Popen:
+def _start_node(ns: str, cameras: list[str], budget_ms: float, params: Sequence[str] = ()) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
                PYTHONPATH=str(REPO))
     args = [sys.executable, "-m", "impatient_ros.ros.node", "--ros-args", "-p", "device:=cpu",
@@ -279,6 +280,8 @@ def _start_node(ns: str, cameras: list[str], budget_ms: float) -> subprocess.Pop
             "-p", "image_reliability:=reliable", "-r", f"__ns:={ns}"]
     if cameras:
         args += ["-p", "cameras:=[" + ", ".join(cameras) + "]"]
+    for param in params:
+        args += ["-p", param]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -287,7 +290,8 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
 
 
-def node_load(cameras: int, separate: bool, seconds: float, rate: float, budget_ms: float) -> dict:
+def node_load(cameras: int, separate: bool, seconds: float, rate: float, budget_ms: float,
+              params: Sequence[str] = ()) -> dict:
     """Real node processes over DDS: ``cameras`` camera streams at ``rate`` Hz into one node or N nodes.
 
     Images (28x28 mono8, reliable, stamped at publication; the node counts its budget from the stamp)
@@ -305,11 +309,11 @@ def node_load(cameras: int, separate: bool, seconds: float, rate: float, budget_
     names = [f"cam{i}" for i in range(cameras)]
     tag = f"load{os.getpid()}_{cameras}_{int(separate)}"
     if separate:   # what users run today: one single-camera node per camera
-        procs = [_start_node(f"/{tag}_{name}", [], budget_ms) for name in names]
+        procs = [_start_node(f"/{tag}_{name}", [], budget_ms, params) for name in names]
         image_topics = [f"/{tag}_{name}/image" for name in names]
         result_topics = [f"/{tag}_{name}/impatient_node/prediction" for name in names]
     else:
-        procs = [_start_node(f"/{tag}", names, budget_ms)]
+        procs = [_start_node(f"/{tag}", names, budget_ms, params)]
         image_topics = [f"/{tag}/{name}/image" for name in names]
         result_topics = [f"/{tag}/impatient_node/{name}/prediction" for name in names]
     rclpy.init()
@@ -382,7 +386,7 @@ def node_load(cameras: int, separate: bool, seconds: float, rate: float, budget_
         per_camera.append({"frames": sent[i], "answered_share": len(got) / sent[i], "hit_rate": in_time / sent[i],
                            "mean_exit": float(np.mean([s for _, _, s in got])) if got else None})
     return {"cameras": cameras, "setup": f"{cameras} nodes" if separate else "1 node", "cpu_s": cpu,
-            "rss_mib": rss, "per_camera": per_camera}
+            "rss_mib": rss, "per_camera": per_camera, "node_params": list(params)}
 
 
 def _vm_rss_mib(pid: int) -> float:
@@ -466,7 +470,9 @@ def markdown(data: dict) -> str:
     if data.get("node_load"):
         lines += ["", f"Real node processes over DDS (28x28 mono8 images, reliable, {data['rate']:g} Hz per camera, "
                   f"{data['node_seconds']:g} s, budget {data['node_budget_ms']:g} ms from the image stamp, in "
-                  "time = the final answer's latency within it; CPU and RSS of the node processes):", "",
+                  "time = the final answer's latency within it; CPU and RSS of the node processes"
+                  + (f"; node parameters {', '.join(data['node_load'][0]['node_params'])}"
+                     if data["node_load"][0].get("node_params") else "") + "):", "",
                   "| cameras | setup | min hit rate | min answered | mean exit | node CPU [s] | node RSS [MiB] |",
                   "|---|---|---|---|---|---|---|"]
         for row in data["node_load"]:
@@ -501,6 +507,9 @@ def main() -> int:
                         help="camera counts whose node RSS is measured (besides the single-camera node)")
     parser.add_argument("--node-load", type=int, nargs="*", default=[4],
                         help="camera counts run through real nodes: one node with cameras vs N single nodes")
+    parser.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
+                        help="an extra parameter of every node of the node-load runs (repeatable), e.g. "
+                             "realtime_priority:=10")
     parser.add_argument("--node-seconds", type=float, default=8.0, help="measured seconds per node-load run")
     parser.add_argument("--quick", action="store_true", help="2 s runs, embedded 1 and 4 cameras, resnet18 on 2")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "multicam"), help="output stem")
@@ -545,7 +554,7 @@ def main() -> int:
     load = []
     for n in args.node_load:
         for separate in (False, True):
-            load.append(node_load(n, separate, args.node_seconds, args.rate, args.budget_ms))
+            load.append(node_load(n, separate, args.node_seconds, args.rate, args.budget_ms, args.node_param))
             print(f"node load: {load[-1]}", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()

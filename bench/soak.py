@@ -130,6 +130,8 @@ def run(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> tuple[Obse
     log_path = workdir / "node.log"
     ros_args = ["-r", f"__ns:={NAMESPACE}", "-p", f"checkpoint:={checkpoint}", "-p", f"device:={args.device}",
                 "-p", "diagnostics_period_s:=1.0", "-p", "budget_timeout_s:=3.0"]
+    for param in args.node_param:
+        ros_args += ["-p", param]
     proc = start_node_process(ros_args, log_path)
     obs = Observations()
     rclpy.init()
@@ -207,7 +209,9 @@ def run(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> tuple[Obse
             obs.baseline = dict(obs.diagnostics)
         setup = {"checkpoint": str(checkpoint), "device": obs.diagnostics.get("device"), "stages": stages,
                  "predicted_stage_ms": predicted, "budget_ms_range": [low, high], "images": source,
-                 "rate_hz": args.rate, "minutes": args.minutes, "node_log": str(log_path)}
+                 "rate_hz": args.rate, "minutes": args.minutes, "node_log": str(log_path),
+                 "node_params": list(args.node_param),
+                 "inference_scheduling": obs.diagnostics.get("inference_scheduling", "n/a")}
         print(f"soak: {json.dumps(setup)}", flush=True)
 
         duration = 60.0 * args.minutes
@@ -329,7 +333,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{s.get('minutes')} min at {s.get('rate_hz')} Hz, a new budget every second drawn uniformly from "
         f"{fmt(s.get('budget_ms_range', [None])[0], '.2f')}..{fmt(s.get('budget_ms_range', [None, None])[1], '.2f')}"
         f" ms (mean {fmt(s.get('mean_budget_ms'), '.2f')} ms); checkpoint `{s.get('checkpoint')}` on "
-        f"`{s.get('device')}`, {s.get('stages')} stages; images: {s.get('images')}.",
+        f"`{s.get('device')}`, {s.get('stages')} stages; images: {s.get('images')}; inference thread "
+        f"{s.get('inference_scheduling', 'n/a')}"
+        + (f" (node parameters {', '.join(s['node_params'])})" if s.get("node_params") else "") + ".",
         "",
         "| figure | value |",
         "|---|---|",
@@ -379,6 +385,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the budget draws")
     parser.add_argument("--checkpoint", help="checkpoint to run (default: embedded model or random smallcnn)")
     parser.add_argument("--device", default="cpu", help="node device parameter (auto, cpu, cuda, cuda:N)")
+    parser.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
+                        help="an extra node parameter (repeatable), e.g. realtime_priority:=10")
     parser.add_argument("--probe-s", type=float, default=5.0,
                         help="seconds of frames without budgets before the timed run (sets the budget range)")
     parser.add_argument("--warmup-s", type=float, default=10.0,
@@ -389,6 +397,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.budget_ms is not None and (len(args.budget_ms) != 2 or not 0 < args.budget_ms[0] <= args.budget_ms[1]):
         parser.error("--budget-ms takes LOW,HIGH with 0 < LOW <= HIGH")
+    if any(":=" not in param for param in args.node_param):
+        parser.error("--node-param takes NAME:=VALUE")
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(1, 101)))
     from _common import checkpoint_file  # bench/ is on sys.path: this script's own folder

@@ -16,10 +16,11 @@ reachable without launch, e.g.
         -p default_budget_ms:=30.0 -r image:=/camera/image_raw -r __ns:=/robot1
 
 The params file is the base. A launch argument that sets a parameter
-(checkpoint, device, mode, budget, input_transport, num_threads) overrides it
-only when given: their defaults are '' ("not given"), so a value in the
-user's params file is never replaced by a launch default. (Consequence: an
-argument cannot set a parameter *to* ''; put that in the params file.)
+(checkpoint, device, mode, budget, input_transport, num_threads,
+realtime_priority) overrides it only when given: their defaults are ''
+("not given"), so a value in the user's params file is never replaced by a
+launch default. (Consequence: an argument cannot set a parameter *to* '';
+put that in the params file.)
 
 ``cameras`` (a YAML list of names) makes one node serve several cameras with
 one model: camera ``<name>`` reads ``<name>/image`` and ``<name>/budget`` and
@@ -57,6 +58,7 @@ PARAMETER_ARGUMENTS = {
     "budget": ("default_budget_ms", float),
     "input_transport": ("input_transport", str),
     "num_threads": ("num_threads", int),
+    "realtime_priority": ("realtime_priority", int),
 }
 
 
@@ -167,6 +169,11 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument(
             "num_threads", default_value=NOT_GIVEN,
             description="num_threads parameter: torch CPU threads (0 = one per core)" + not_given,
+        ),
+        DeclareLaunchArgument(
+            "realtime_priority", default_value=NOT_GIVEN,
+            description="realtime_priority parameter: SCHED_FIFO priority of the inference thread (1..98; "
+                        "0 = the normal scheduler; needs CAP_SYS_NICE or an rtprio limit)" + not_given,
         ),
         DeclareLaunchArgument(
             "cameras", default_value=NOT_GIVEN,

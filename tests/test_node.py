@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -186,7 +188,8 @@ def nodes(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
                        "-r", "image:=camera/image_raw", "-p", "budget_timeout_s:=1.0"], logs / "main.log")
     # num_threads:=2 against OMP_NUM_THREADS=1 in the harness's environment: the parameter must win.
     compressed = start_node([*common, "-r", "__ns:=/ctest", "-r", "image:=cam", "-p", "input_transport:=compressed",
-                             "-p", "image_reliability:=reliable", "-p", "num_threads:=2"], logs / "compressed.log")
+                             "-p", "image_reliability:=reliable", "-p", "num_threads:=2",
+                             "-p", "realtime_priority:=3"], logs / "compressed.log")
     rclpy.init()
     probes = []
     try:
@@ -194,6 +197,7 @@ def nodes(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
         probes.append(NodeProbe("/ctest", "/ctest/cam/compressed", compressed=True, probe_name="compressed_probe"))
         probes[0].wait_ready(proc=main)
         probes[1].wait_ready(proc=compressed)
+        probes[0].proc, probes[1].proc = main, compressed
         yield probes[0], probes[1]
     finally:
         for probe in probes:
@@ -239,6 +243,36 @@ def test_num_threads_is_applied_and_vision_msgs_auto_stays_off_without_the_packa
         assert main.latest_diagnostics()["vision_msgs"] == "off"
         assert main.node.count_publishers("/itest/impatient_node/classification") == 0
         assert main.node.count_publishers("/itest/impatient_node/label_info") == 0
+
+
+def _fifo_threads(pid: int) -> list[tuple[int, int]]:
+    """(thread id, SCHED_FIFO priority) of every thread of process ``pid`` under SCHED_FIFO, from the kernel."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        tid = int(task.name)
+        try:
+            if os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO:
+                found.append((tid, os.sched_getparam(tid).sched_priority))
+        except ProcessLookupError:  # a thread that just ended
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_FIFO and /proc are Linux's")
+def test_realtime_priority_applies_to_the_inference_thread_only(nodes) -> None:
+    main, compressed = nodes
+    assert main.fresh_diagnostics()["inference_scheduling"] == "SCHED_OTHER"
+    assert _fifo_threads(main.proc.pid) == []
+    scheduling = compressed.fresh_diagnostics()["inference_scheduling"]
+    fifo = _fifo_threads(compressed.proc.pid)
+    if scheduling == "SCHED_FIFO 3":  # permitted here (root or an rtprio limit): exactly one thread got it
+        assert [priority for _, priority in fifo] == [3]
+    else:  # refused: the node says why, and no thread runs under SCHED_FIFO
+        assert scheduling.startswith("SCHED_OTHER (realtime priority 3 not applied: "), scheduling
+        assert fifo == []
+    # It infers either way (the real-time thread publishes every stage as before).
+    messages = compressed.classify(_image(3))
+    assert messages[-1].is_final and [m.stage for m in messages] == list(range(1, len(messages) + 1))
 
 
 def test_every_stage_in_order_with_one_final(main_node: NodeProbe) -> None:

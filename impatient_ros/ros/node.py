@@ -48,7 +48,10 @@ single-slot mailbox and runs the engine, publishing each exit's message from
 its ``on_result`` callback the moment the exit is ready. So budget and battery
 updates are never queued behind a running stage, and an image that arrives
 while another waits replaces it (counted as dropped): the node always works on
-the newest frame.
+the newest frame. With ``realtime_priority`` the inference thread runs under
+Linux SCHED_FIFO (:mod:`impatient_ros.runtime.realtime`), so the machine's
+other tasks cannot take its core in the middle of a stage; the executor
+thread keeps the normal scheduler.
 
 Lifecycle (``rclpy.lifecycle``): parameters are declared in the constructor;
 *configure* loads the checkpoint, builds the engine and calibrates it (or loads
@@ -85,7 +88,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +127,7 @@ from impatient_ros.ros.topics import compressed_topic
 from impatient_ros.ros.vision_messages import build_classification, build_label_info, load_vision_msgs
 from impatient_ros.runtime.checkpoint import CheckpointError, load_checkpoint
 from impatient_ros.runtime.engine import StagedEngine
+from impatient_ros.runtime.realtime import ThreadScheduling, use_realtime_priority
 from impatient_ros.runtime.timing import TimingError
 
 __all__ = ["NODE_NAME", "ImpatientNode", "main"]
@@ -225,6 +229,7 @@ class ImpatientNode(LifecycleNode):
         self._label_info_pub: Any = None
         self._subscriptions: list[Any] = []
         self._worker: threading.Thread | None = None
+        self._scheduling: ThreadScheduling | None = None  # the inference thread's, once it started
         self._stop = threading.Event()
         self._seq = 0
         self._predicted_ms: tuple[float, ...] = ()  # per stage, at the admission quantile
@@ -475,7 +480,8 @@ class ImpatientNode(LifecycleNode):
         self._subscriptions = [*camera_subs, budget_sub, battery_sub]
         self._stop = threading.Event()
         loop = self._multi_worker_loop if self._cameras else self._worker_loop
-        self._worker = threading.Thread(target=loop, args=(self._stop,), name="impatient_inference", daemon=True)
+        self._worker = threading.Thread(target=self._inference_thread, args=(loop, self._stop),
+                                        name="impatient_inference", daemon=True)
         self._worker.start()
         if self._cameras:
             self.get_logger().info(
@@ -593,6 +599,7 @@ class ImpatientNode(LifecycleNode):
         if engine is not None:
             extra += [("device", engine.device_label), ("num_stages", str(engine.num_stages)),
                       ("torch_threads", str(torch.get_num_threads())),
+                      ("inference_scheduling", self._scheduling.description if self._scheduling else "not started"),
                       ("vision_msgs", "publishing" if self._vision is not None else "off")]
             extra += [(f"stage_{k}_predicted_ms", f"{ms:.3f}") for k, ms in enumerate(self._predicted_ms, 1)]
             extra += [(f"stage_{k}_median_ms", f"{ms:.3f}") for k, ms in enumerate(self._median_ms, 1)]
@@ -643,6 +650,17 @@ class ImpatientNode(LifecycleNode):
         )
 
     # ------------------------------------------------------------------ inference thread
+    def _inference_thread(self, loop: Callable[[threading.Event], None], stop: threading.Event) -> None:
+        """The inference thread: its scheduling first (realtime_priority, runtime.realtime), then ``loop``."""
+        priority = self._param("realtime_priority")
+        scheduling = use_realtime_priority(priority)
+        self._scheduling = scheduling
+        if scheduling.error:
+            self.get_logger().warning(f"inference thread keeps {scheduling.description}")
+        elif priority:
+            self.get_logger().info(f"inference thread runs under {scheduling.description}")
+        loop(stop)
+
     def _worker_loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
             frame = self._mailbox.take(timeout=0.2)

@@ -24,6 +24,7 @@ from impatient_ros.ros.executors import EXECUTORS
 from impatient_ros.ros.params import ParamSpec, check_values
 from impatient_ros.ros.vision_messages import VISION_MSGS_CHOICES
 from impatient_ros.runtime.engine import Mode
+from impatient_ros.runtime.realtime import MAX_PRIORITY
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -115,6 +116,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("scheduler_max_wait_ms", 100.0, "With cameras and scheduler edf: a frame without a deadline that "
               "waited this long since its last stage gets the next one (no starvation).", read_only=True,
               float_range=(1.0, 60000.0)),
+    ParamSpec("realtime_priority", 0, f"Linux SCHED_FIFO priority of the inference thread (1..{MAX_PRIORITY}; 0 = the "
+              "normal scheduler). A real-time thread is not preempted by the machine's other (normal) tasks in "
+              "the middle of a stage, which is where late answers on a busy machine come from. Needs "
+              "CAP_SYS_NICE or an rtprio limit (ulimit -r); without it the node warns, keeps the normal "
+              "scheduler and says so in diagnostics (inference_scheduling).", read_only=True,
+              int_range=(0, MAX_PRIORITY)),
     ParamSpec("diagnostics_period_s", 1.0, "Period of the /diagnostics status.", float_range=(0.05, 60.0)),
     ParamSpec("autostart", True, "Configure and activate at start-up (no lifecycle manager needed). "
               "false: wait in 'unconfigured' for lifecycle transitions.", read_only=True),
