@@ -129,6 +129,11 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 # --------------------------------------------------------------------------- node processes and the machine
 
 
+def result_path(stem: Path, extension: str) -> Path:
+    """``stem`` + ``extension`` ("soak_1.5min" + ".json"): Path.with_suffix would cut "soak_1.5min" at its dot."""
+    return stem.with_name(stem.name + extension)
+
+
 def machine_info() -> dict[str, object]:
     """CPU model, core count, load average (1/5/15 min) and OMP_NUM_THREADS of this machine, now."""
     import os

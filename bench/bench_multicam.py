@@ -564,9 +564,11 @@ def main() -> int:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
             "rate": args.rate, "seconds": args.seconds, "replay_seconds": args.replay_seconds, "runs": runs,
             "node_rss": rss, "node_load": load, "node_seconds": args.node_seconds, "node_budget_ms": args.budget_ms}
+    from _common import result_path  # bench/ is on sys.path when this script runs
+
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(data))
+    result_path(out, ".json").write_text(json.dumps(data, indent=1) + "\n")
+    result_path(out, ".md").write_text(markdown(data))
     print(markdown(data))
     return 0
 

@@ -62,7 +62,7 @@ SHM_PROFILE = REPO / "config" / "fastdds_shm.xml"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
 
-from _common import machine_info, print_table, start_node_process, stop_process  # noqa: E402
+from _common import machine_info, print_table, result_path, start_node_process, stop_process  # noqa: E402
 
 EMBEDDED = REPO / "models" / "fashion_mnist_smallcnn.pt"
 TARGET_S = 5.0
@@ -556,9 +556,9 @@ def main() -> int:
               "trials": trials}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    result_path(out, ".json").write_text(json.dumps(result, indent=1) + "\n")
+    result_path(out, ".md").write_text(markdown(result))
+    print(f"wrote {result_path(out, '.md')} and {result_path(out, '.json')}")
     return 0
 
 

@@ -54,7 +54,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from _common import start_node_process, stop_process  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _common import result_path, start_node_process, stop_process  # noqa: E402  (bench/ is on sys.path when run as a script)
 NAMESPACE = "/soak"
 NODE_FQN = f"{NAMESPACE}/impatient_node"
 SAMPLE_PERIOD_S = 5.0
@@ -414,8 +414,8 @@ def main() -> int:
     result["machine"] = f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    result_path(out, ".json").write_text(json.dumps(result, indent=2) + "\n")
+    result_path(out, ".md").write_text(markdown(result))
     print(markdown(result))
     return 0 if result["passed"] else 1
 

@@ -266,8 +266,9 @@ def main() -> int:
                 "reliability, one image at a time, both processes on one host.\n\n" + table(rows) + "\n")
     print(markdown)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(markdown)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    # with_name, not with_suffix: a stem with a dot ("sizes_16.5MiB") keeps its whole name.
+    args.out.with_name(args.out.name + ".md").write_text(markdown)
+    args.out.with_name(args.out.name + ".json").write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 
