@@ -164,8 +164,12 @@ LITE0_IMPATIENT_VARIANTS: tuple[tuple[tuple[str, Any], ...], ...] = (
 
 PLANS: dict[str, dict[str, Regime]] = {
     "full": {
+        # 20 epochs, not 10: at 10 most of OURS's runs kept their last epoch (12 of 18) and at seed 0 every
+        # validation score rose with 20, FT's STD network too (last-exit val 85.8 -> 87.9 %, OURS(EQ) val
+        # E[acc] 87.1 -> 89.1 %; paper_reproduction_issue12_smallcnn_20_epochs.md). It costs the regime
+        # 62 instead of 43 min here.
         "smallcnn": Regime("smallcnn", "smallcnn_tiny", False, (28, 28), train_per_class=500, val_per_class=100,
-                           test_per_class=None, epochs=10, lr=0.1, batch_size=128, augmentation="none",
+                           test_per_class=None, epochs=20, lr=0.1, batch_size=128, augmentation="none",
                            lr_grid_ft=(0.01, 0.03, 0.1), lr_grid_ours=(0.03, 0.1, 0.3),
                            distill_schemes=("ILIN", "IPOLY"), lr_grid_impatient=(0.03, 0.1, 0.3)),
         # 64x64: at 32x32 the last stage sees 1x1 maps; STD's last exit reached 13 % val accuracy (49.5 %
