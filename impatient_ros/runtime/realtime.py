@@ -18,7 +18,12 @@ get the normal policy back instead of inheriting a real-time one.
 What keeps the machine alive: the kernel's real-time throttling
 (``/proc/sys/kernel/sched_rt_runtime_us``, 950000 of every 1000000 us by
 default) leaves normal tasks at least 5 % of each core even if the thread
-spun, and the inference thread sleeps between frames.
+spun, and the inference thread sleeps between frames. The same throttling is
+the limit of this setting: a real-time thread that computes through a whole
+second (a network slower than its frame rate, or a benchmark loop) is paused
+by the kernel for the rest of that second, 50 ms, far longer than the
+preemptions it avoids (bench/results/engine_cpu_realtime.md). It pays where
+the thread has idle time between frames, which is the node's normal case.
 
 Permission: ``CAP_SYS_NICE`` (root, or a container started with it), or an
 ``RLIMIT_RTPRIO`` at least the priority (``ulimit -r``; on a robot, e.g.
