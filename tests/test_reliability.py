@@ -677,7 +677,7 @@ def test_shutdown_frees_the_inference_thread(checkpoints, ros) -> None:
 # --------------------------------------------------------------------------- 3. overload
 
 
-def test_camera_twice_as_fast_as_inference(probe: NodeProbe, launched) -> None:
+def test_camera_four_times_as_fast_as_inference(probe: NodeProbe, launched) -> None:
     """Memory flat, latency bounded, the overflow counted as dropped."""
     pid = launched["main"].pid
     # 480x480 frames (230 KB): a leak of even the dropped frames would show within seconds.
@@ -687,9 +687,12 @@ def test_camera_twice_as_fast_as_inference(probe: NodeProbe, launched) -> None:
         msg.header.frame_id = f"warm{n}"
         probe.image_pub.publish(msg)
         warmup.append(_latency_s(probe.wait_final(msg.header.frame_id)[-1]))
-    # Twice as fast as the fastest inference seen, so the camera outruns the node even if it speeds up.
+    # Four times as fast as the fastest inference seen, so the camera outruns the node even if it speeds
+    # up: warmed up while the other test worker loaded the cores, the node once answered in 61.5 ms at
+    # the fastest and then in 36 ms at the median, and a camera at twice the warm-up speed did not
+    # outrun it (5 of 261 frames dropped).
     fastest_s, typical_s = min(warmup[1:]), float(np.median(warmup[1:]))
-    period = max(0.004, 0.5 * fastest_s)
+    period = max(0.004, 0.25 * fastest_s)
     rss: list[tuple[float, int]] = []
     before = probe.fresh_diagnostics()
     sent: list[str] = []
