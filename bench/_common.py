@@ -5,6 +5,7 @@ Not a test module: the scripts print measured figures only.
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import time
@@ -127,6 +128,23 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 
 # --------------------------------------------------------------------------- node processes and the machine
+
+
+def add_node_param_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--node-param NAME:=VALUE`` (repeatable): extra parameters of the node processes a script starts."""
+
+    def node_param(text: str) -> str:
+        if not text.partition(":=")[0] or ":=" not in text:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:=VALUE")
+        return text
+
+    parser.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE", type=node_param,
+                        help=help_text)
+
+
+def node_param_args(params: Sequence[str]) -> list[str]:
+    """``--ros-args`` words for ``params`` (NAME:=VALUE each): ["-p", NAME:=VALUE, ...]."""
+    return [word for param in params for word in ("-p", param)]
 
 
 def result_path(stem: Path, extension: str) -> Path:

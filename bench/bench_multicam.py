@@ -280,8 +280,9 @@ def _start_node(ns: str, cameras: list[str], budget_ms: float, params: Sequence[
             "-p", "image_reliability:=reliable", "-r", f"__ns:={ns}"]
     if cameras:
         args += ["-p", "cameras:=[" + ", ".join(cameras) + "]"]
-    for param in params:
-        args += ["-p", param]
+    from _common import node_param_args  # bench/ is on sys.path when this script runs
+
+    args += node_param_args(params)
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -486,6 +487,8 @@ def markdown(data: dict) -> str:
 
 
 def main() -> int:
+    from _common import add_node_param_argument, result_path  # bench/ is on sys.path when this script runs
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run")
     parser.add_argument("--replay-seconds", type=float, default=15.0,
@@ -507,9 +510,8 @@ def main() -> int:
                         help="camera counts whose node RSS is measured (besides the single-camera node)")
     parser.add_argument("--node-load", type=int, nargs="*", default=[4],
                         help="camera counts run through real nodes: one node with cameras vs N single nodes")
-    parser.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
-                        help="an extra parameter of every node of the node-load runs (repeatable), e.g. "
-                             "realtime_priority:=10")
+    add_node_param_argument(parser, "an extra parameter of every node of the node-load runs (repeatable), e.g. "
+                                    "realtime_priority:=10")
     parser.add_argument("--node-seconds", type=float, default=8.0, help="measured seconds per node-load run")
     parser.add_argument("--quick", action="store_true", help="2 s runs, embedded 1 and 4 cameras, resnet18 on 2")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "multicam"), help="output stem")
@@ -564,8 +566,6 @@ def main() -> int:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
             "rate": args.rate, "seconds": args.seconds, "replay_seconds": args.replay_seconds, "runs": runs,
             "node_rss": rss, "node_load": load, "node_seconds": args.node_seconds, "node_budget_ms": args.budget_ms}
-    from _common import result_path  # bench/ is on sys.path when this script runs
-
     out = Path(args.out)
     result_path(out, ".json").write_text(json.dumps(data, indent=1) + "\n")
     result_path(out, ".md").write_text(markdown(data))

@@ -54,7 +54,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from _common import result_path, start_node_process, stop_process  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _common import add_node_param_argument, node_param_args, result_path, start_node_process, stop_process  # noqa: E402  (bench/ is on sys.path when run as a script)
 NAMESPACE = "/soak"
 NODE_FQN = f"{NAMESPACE}/impatient_node"
 SAMPLE_PERIOD_S = 5.0
@@ -130,8 +130,7 @@ def run(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> tuple[Obse
     log_path = workdir / "node.log"
     ros_args = ["-r", f"__ns:={NAMESPACE}", "-p", f"checkpoint:={checkpoint}", "-p", f"device:={args.device}",
                 "-p", "diagnostics_period_s:=1.0", "-p", "budget_timeout_s:=3.0"]
-    for param in args.node_param:
-        ros_args += ["-p", param]
+    ros_args += node_param_args(args.node_param)
     proc = start_node_process(ros_args, log_path)
     obs = Observations()
     rclpy.init()
@@ -385,8 +384,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the budget draws")
     parser.add_argument("--checkpoint", help="checkpoint to run (default: embedded model or random smallcnn)")
     parser.add_argument("--device", default="cpu", help="node device parameter (auto, cpu, cuda, cuda:N)")
-    parser.add_argument("--node-param", action="append", default=[], metavar="NAME:=VALUE",
-                        help="an extra node parameter (repeatable), e.g. realtime_priority:=10")
+    add_node_param_argument(parser, "an extra node parameter (repeatable), e.g. realtime_priority:=10")
     parser.add_argument("--probe-s", type=float, default=5.0,
                         help="seconds of frames without budgets before the timed run (sets the budget range)")
     parser.add_argument("--warmup-s", type=float, default=10.0,
@@ -397,8 +395,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.budget_ms is not None and (len(args.budget_ms) != 2 or not 0 < args.budget_ms[0] <= args.budget_ms[1]):
         parser.error("--budget-ms takes LOW,HIGH with 0 < LOW <= HIGH")
-    if any(":=" not in param for param in args.node_param):
-        parser.error("--node-param takes NAME:=VALUE")
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(1, 101)))
     from _common import checkpoint_file  # bench/ is on sys.path: this script's own folder

@@ -64,7 +64,7 @@ class ThreadScheduling:
 
     @property
     def description(self) -> str:
-        """One line for logs and diagnostics: "SCHED_FIFO 10", or "SCHED_OTHER (realtime_priority 10: ...)"."""
+        """One line for logs and diagnostics: "SCHED_FIFO 10", or "SCHED_OTHER (realtime priority 10 not applied: ...)"."""
         text = f"{self.policy} {self.priority}" if self.realtime else self.policy
         if self.error:
             text += f" (realtime priority {self.requested} not applied: {self.error})"
