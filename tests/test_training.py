@@ -309,6 +309,35 @@ def test_joint_loss_weights_and_distillation() -> None:
         JointLoss([0.5, 0.5])(outputs, target)
 
 
+def test_joint_loss_ensemble_teacher_is_the_detached_geometric_mean_of_every_exit() -> None:
+    torch.manual_seed(1)
+    target = torch.randint(0, 5, (8,))
+    outputs = [torch.randn(8, 5, requires_grad=True) for _ in range(3)]
+    t, a = 2.0, 0.4
+    loss = JointLoss([0.2, 0.3, 0.5], distill=True, distill_weight=a, temperature=t, teacher="ensemble")
+    # The teacher by hand: the renormalised mean of the tempered log-probabilities.
+    mean = sum(torch.log_softmax(z.detach() / t, dim=1) for z in outputs) / 3
+    teacher = torch.log_softmax(mean, dim=1)
+    assert torch.allclose(loss.soft_target(outputs), teacher)
+    expected = 0.0
+    for z, w in zip(outputs, [0.2, 0.3, 0.5]):  # every exit learns from it, the last included
+        kl = torch.nn.functional.kl_div(torch.log_softmax(z / t, dim=1), teacher, log_target=True,
+                                        reduction="batchmean")
+        expected += w * ((1 - a) * torch.nn.functional.cross_entropy(z, target) + a * t * t * kl)
+    assert loss(outputs, target).item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # Exits that all agree are their own ensemble: no KL left, only the cross-entropy share.
+    same = [outputs[0].detach().clone().requires_grad_(True) for _ in range(3)]
+    ce = torch.nn.functional.cross_entropy(same[0], target).item()
+    assert loss(same, target).item() == pytest.approx((1 - a) * ce, rel=1e-5)
+
+    # Detached: an exit with zero weight gets no gradient, neither as a student nor through the teacher.
+    JointLoss([0.5, 0.5, 0.0], distill=True, distill_weight=1.0, teacher="ensemble")(outputs, target).backward()
+    assert outputs[2].grad is None or torch.count_nonzero(outputs[2].grad) == 0
+    assert torch.count_nonzero(outputs[0].grad) > 0
+    with pytest.raises(ValueError, match="unknown distillation teacher"):
+        JointLoss([1.0], teacher="median")
+
 def test_no_weight_decay_on_batch_norm_and_bias_and_the_schedule(tmp_path: Path) -> None:
     from impatient_ros.runtime.model import NetConfig, build_network
 

@@ -62,6 +62,7 @@ __all__ = [
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 AMP_MODES: tuple[str, ...] = ("auto", "off", "bf16", "fp16")
+DISTILL_TEACHERS: tuple[str, ...] = ("last", "ensemble")
 
 
 class ConfigError(ValueError):
@@ -197,6 +198,9 @@ class TrainConfig:
     distill: bool = False
     distill_weight: float = 0.5
     distill_temperature: float = 3.0
+    # Whose answer the exits distil from: "last" (the last exit, IMTA) or "ensemble" (the detached
+    # geometric mean of every exit's tempered probabilities; every exit, the last included, learns from it).
+    distill_teacher: str = "last"
     measure_cost: bool = False
     # "impatient": LP-FT start for pretrained backbones, joint fine-tuning, post-hoc head refit and exit
     # ensembles, each kept only where validation supports it; "paper": Amthor et al. as published
@@ -315,6 +319,7 @@ class TrainConfig:
             raise ConfigError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if not self.distill_temperature > 0:
             raise ConfigError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        _choice(self.distill_teacher, DISTILL_TEACHERS, "distillation teacher")
         if not self.out:
             raise ConfigError("out must name an output folder")
         return self
@@ -542,6 +547,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         type=float, metavar="A")
     opt(g, "--distill-temperature", None, "distill_temperature", "softmax temperature of the distillation",
         type=float, metavar="T")
+    opt(g, "--distill-teacher", None, "distill_teacher", "whose answer the exits distil from: last (the last "
+        "exit) or ensemble (the geometric mean of every exit, distilled into every exit)", metavar="NAME")
     opt(g, "--measure-cost", None, "measure_cost", "measure per-exit latency here and store it as exit_cost",
         action=argparse.BooleanOptionalAction)
     opt(g, "--recipe", None, "recipe", "impatient (LP-FT start when pretrained, joint fine-tuning, head refit, "

@@ -200,15 +200,35 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
 
 
 class JointLoss:
-    """Budget-weighted cross-entropy over all exits, with optional self-distillation into the early exits."""
+    """Budget-weighted cross-entropy over all exits, with optional self-distillation.
+
+    ``teacher="last"``: the early exits distil from the last exit (IMTA, Li et
+    al., ICCV 2019). ``teacher="ensemble"``: every exit, the last included,
+    distils from the geometric mean of all exits' tempered probabilities (the
+    uniform exit ensemble, detached): a teacher better than any single exit,
+    as the exit ensembles of Zero Time Waste are at inference.
+    """
 
     def __init__(self, weights: Sequence[float], label_smoothing: float = 0.0, distill: bool = False,
-                 distill_weight: float = 0.5, temperature: float = 3.0) -> None:
+                 distill_weight: float = 0.5, temperature: float = 3.0, teacher: str = "last") -> None:
+        if teacher not in ("last", "ensemble"):
+            raise ValueError(f"unknown distillation teacher {teacher!r}; valid: last, ensemble")
         self.weights = [float(w) for w in weights]
         self.label_smoothing = label_smoothing
         self.distill = distill
         self.alpha = distill_weight
         self.temperature = temperature
+        self.teacher = teacher
+
+    def soft_target(self, logits: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """Log-probabilities (N, C) the exits distil from at the temperature (detached); None without."""
+        if not self.distill or len(logits) < 2:
+            return None
+        t = self.temperature
+        if self.teacher == "last":
+            return F.log_softmax(logits[-1].detach() / t, dim=1)
+        mean = torch.stack([F.log_softmax(z.detach() / t, dim=1) for z in logits]).mean(dim=0)
+        return F.log_softmax(mean, dim=1)  # renormalised geometric mean
 
     def __call__(self, outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         """outputs: K logits (N, C); target (N,) -> scalar loss (float32)."""
@@ -216,13 +236,12 @@ class JointLoss:
             raise ValueError(f"{len(outputs)} exits but {len(self.weights)} budget weights")
         logits = [z.float() for z in outputs]  # the loss in fp32 also under autocast
         last = len(logits) - 1
-        soft_target = None
-        if self.distill and last > 0:
-            soft_target = F.log_softmax(logits[last].detach() / self.temperature, dim=1)
+        soft_target = self.soft_target(logits)
+        students = last + 1 if self.teacher == "ensemble" else last
         total = logits[0].new_zeros(())
         for k, (z, w) in enumerate(zip(logits, self.weights)):
             term = F.cross_entropy(z, target, label_smoothing=self.label_smoothing)
-            if soft_target is not None and k < last:
+            if soft_target is not None and k < students:
                 kl = F.kl_div(F.log_softmax(z / self.temperature, dim=1), soft_target,
                               log_target=True, reduction="batchmean")
                 # T^2 keeps the gradient scale of the soft term independent of T (Hinton et al.).
@@ -649,7 +668,7 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
     optimizer = build_optimizer(net, cfg)
     return _Run(cfg=cfg, ctx=ctx, device=device, amp=amp, bundle=bundle, net=net, model=model, budget=budget,
                 loss_fn=JointLoss(budget["weights"], cfg.optim.label_smoothing, cfg.distill, cfg.distill_weight,
-                                  cfg.distill_temperature),
+                                  cfg.distill_temperature, cfg.distill_teacher),
                 optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg, steps),
                 scaler=torch.amp.GradScaler(device.type, enabled=amp[2]), train_loader=train_loader,
                 sampler=sampler, val_loader=val_loader, test_loader=test_loader, exit_cost=exit_cost)
