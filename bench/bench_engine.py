@@ -31,6 +31,7 @@ import argparse
 import gc
 import os
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -100,7 +101,9 @@ def _budgets(kind: str, total_s: float, n: int, rng: np.random.Generator,
     raise ValueError(kind)
 
 
-def part_deadlines(engine: StagedEngine, image: np.ndarray, order: str, runs: int, seed: int = 0) -> None:
+def part_deadlines(engine: StagedEngine, image: np.ndarray, order: str, runs: int, seed: int = 0,
+                   quantiles: Sequence[float] = (0.99,)) -> None:
+    """Run every budget once per admission quantile, interleaved (the VM's speed drifts: compare within a budget)."""
     summary = engine.timing.summary()
     ready_ms = engine.timing.to_calibration().ready_times()  # the one t_k: impatient_ros.core.ready_times
     print("calibrated stage costs (block+head) mean / p99 ms:",
@@ -115,54 +118,65 @@ def part_deadlines(engine: StagedEngine, image: np.ndarray, order: str, runs: in
     gc.callbacks.append(on_gc)
     rng = np.random.default_rng(seed)
     rows, late_rows = [], []
-    q = engine.admission_quantile
-    p99_range = (engine.timing.stage_cost(0, q), sum(engine.timing.stage_cost(k, q) for k in range(engine.num_stages)))
+    q0 = quantiles[0]
+    p99_range = (engine.timing.stage_cost(0, q0), sum(engine.timing.stage_cost(k, q0) for k in range(engine.num_stages)))
+    totals = {q: [0, 0] for q in quantiles}  # eligible hits, eligible frames over every row
     for kind in ("uniform", "normal", "exponential", "p99"):
         budgets = _budgets(kind, ready_ms[-1] / 1e3, runs, rng, p99_range)
         for mode in (Mode.ANYTIME, Mode.APRIORI):
-            answered = no_time = 0
-            stages, overruns = [], []
-            eligible = eligible_hits = 0
-            late = over_prediction = gc_inside = 0
-            preprocess_ms = []
+            acc = {q: {"answered": 0, "no_time": 0, "stages": [], "overruns": [], "eligible": 0, "hits": 0,
+                       "late": 0, "over_prediction": 0, "gc_inside": 0, "preprocess_ms": []} for q in quantiles}
             for budget in budgets:
-                stage1_p99 = engine.timing.stage_cost(0, engine.admission_quantile)  # as admission sees it now
-                del collections[:]
-                began = time.monotonic()
-                report = engine.run(image, order, deadline=began + budget, mode=mode)
-                ended = time.monotonic()
-                if budget >= stage1_p99 and report.results:  # answered frames with at least stage 1's p99
-                    eligible += 1
-                    eligible_hits += not report.overran
-                if report.stop_reason is StopReason.NO_TIME:
-                    no_time += 1
-                    continue
-                answered += 1
-                stages.append(report.final.stage)
-                overruns.append(report.overrun_s)
-                if report.overran:
-                    late += 1
-                    last = max(i for i, r in enumerate(report.results) if not r.repeated)
-                    over_prediction += report.actual_s[last] > report.predicted_s[last]
-                    gc_inside += any(began <= t <= ended for t in collections)
-                    preprocess_ms.append(1e3 * (report.started_at[0] - report.began_at))
-            over = np.asarray(overruns) if overruns else np.zeros(1)
-            rows.append((kind, mode.value, f"{np.median(budgets) * 1e3:.2f}", f"{100 * answered / runs:.1f}",
-                         f"{100 * no_time / runs:.1f}", f"{np.mean(stages) if stages else float('nan'):.2f}",
-                         f"{100 * np.count_nonzero(over > 0) / max(answered, 1):.1f}",
-                         f"{1e3 * float(over.max()):.3f}", f"{1e3 * float(over[over > 0].mean()) if (over > 0).any() else 0.0:.3f}",
-                         f"{100 * eligible_hits / max(eligible, 1):.2f} ({eligible_hits}/{eligible})"))
-            if late:
-                late_rows.append((kind, mode.value, late, over_prediction, gc_inside,
-                                  f"{max(preprocess_ms):.3f}"))
+                for q in quantiles:
+                    a = acc[q]
+                    engine.admission_quantile = q
+                    stage1_p99 = engine.timing.stage_cost(0, 0.99)  # as p99 admission sees it now
+                    del collections[:]
+                    began = time.monotonic()
+                    report = engine.run(image, order, deadline=began + budget, mode=mode)
+                    ended = time.monotonic()
+                    if budget >= stage1_p99 and report.results:  # answered frames with at least stage 1's p99
+                        a["eligible"] += 1
+                        a["hits"] += not report.overran
+                    if report.stop_reason is StopReason.NO_TIME:
+                        a["no_time"] += 1
+                        continue
+                    a["answered"] += 1
+                    a["stages"].append(report.final.stage)
+                    a["overruns"].append(report.overrun_s)
+                    if report.overran:
+                        a["late"] += 1
+                        last = max(i for i, r in enumerate(report.results) if not r.repeated)
+                        a["over_prediction"] += report.actual_s[last] > report.predicted_s[last]
+                        a["gc_inside"] += any(began <= t <= ended for t in collections)
+                        a["preprocess_ms"].append(1e3 * (report.started_at[0] - report.began_at))
+            for q in quantiles:
+                a = acc[q]
+                totals[q][0] += a["hits"]
+                totals[q][1] += a["eligible"]
+                over = np.asarray(a["overruns"]) if a["overruns"] else np.zeros(1)
+                stages = a["stages"]
+                rows.append((kind, mode.value, f"p{100 * q:g}", f"{np.median(budgets) * 1e3:.2f}",
+                             f"{100 * a['answered'] / runs:.1f}", f"{100 * a['no_time'] / runs:.1f}",
+                             f"{np.mean(stages) if stages else float('nan'):.2f}",
+                             f"{100 * np.count_nonzero(over > 0) / max(a['answered'], 1):.1f}",
+                             f"{1e3 * float(over.max()):.3f}",
+                             f"{1e3 * float(over[over > 0].mean()) if (over > 0).any() else 0.0:.3f}",
+                             f"{100 * a['hits'] / max(a['eligible'], 1):.2f} ({a['hits']}/{a['eligible']})"))
+                if a["late"]:
+                    late_rows.append((kind, mode.value, f"p{100 * q:g}", a["late"], a["over_prediction"],
+                                      a["gc_inside"], f"{max(a['preprocess_ms']):.3f}"))
+    engine.admission_quantile = q0
     gc.callbacks.remove(on_gc)
-    print_table(["budget", "mode", "median budget ms", "answered %", "NO_TIME %", "mean exit",
+    print_table(["budget", "mode", "admission", "median budget ms", "answered %", "NO_TIME %", "mean exit",
                  "overrun % of answered", "max overrun ms", "mean overrun ms",
                  "hit % of answered, budget >= stage-1 p99"], rows)
+    print("all rows: " + "; ".join(f"p{100 * q:g} {100 * h / max(n, 1):.2f} % in time ({h}/{n})"
+                                   for q, (h, n) in totals.items()))
     if late_rows:
-        print("late answers: the last stage's own time above its p99 prediction / a GC started in the run / "
+        print("late answers: the last stage's own time above its prediction / a GC started in the run / "
               "max preprocessing ms (before the first admission, so inside the prediction)")
-        print_table(["budget", "mode", "late", "stage above its prediction", "GC inside the run",
+        print_table(["budget", "mode", "admission", "late", "stage above its prediction", "GC inside the run",
                      "max preprocessing ms"], late_rows)
 
 
@@ -207,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-runs", type=int, default=0, help="runs per budget distribution and mode")
     parser.add_argument("--heldout", type=int, default=0, help="held-out runs for the p99 error")
     parser.add_argument("--quick", action="store_true", help="a quarter of the default counts")
+    parser.add_argument("--admission-quantiles", type=float, nargs="+", default=[0.99], metavar="Q",
+                        help="admission quantiles of the deadline part; each budget runs once per quantile, "
+                             "interleaved (above 0.99 the timing model extrapolates an exponential tail)")
     parser.add_argument("--realtime-priority", type=int, default=0,
                         help="run this (the measuring) thread under SCHED_FIFO at this priority, as the node's "
                              "realtime_priority does for its inference thread (0 = the normal scheduler)")
@@ -237,9 +254,10 @@ def main(argv: list[str] | None = None) -> None:
         channels = 1 if checkpoint.preprocessing["channels"] == "gray" else 3
         image = np.random.default_rng(0).integers(0, 255, size=(*size, channels), endpoint=True).astype(np.uint8)
         order = "gray" if channels == 1 else "rgb"
-        print(f"-- deadlines ({budget_runs} budgets per distribution, admission at p{100 * engine.admission_quantile:g}, "
+        admission = ", ".join(f"p{100 * q:g}" for q in args.admission_quantiles)
+        print(f"-- deadlines ({budget_runs} budgets per distribution, admission at {admission}, "
               "preprocessing included)")
-        part_deadlines(engine, image, order, budget_runs)
+        part_deadlines(engine, image, order, budget_runs, quantiles=args.admission_quantiles)
         print("-- timing model")
         part_p99_error(engine, heldout, calibration=max(30, heldout // 2))
 

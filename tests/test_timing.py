@@ -41,6 +41,25 @@ def test_quantiles_follow_numpy():
         assert model.stage_cost(0, q) == pytest.approx(1.1 * np.quantile(samples, q))
 
 
+def test_quantiles_above_p99_follow_an_exponential_tail_and_ignore_one_outlier():
+    model = TimingModel(1)
+    samples = list(np.random.default_rng(1).exponential(0.001, size=255) + 0.002)
+    for value in samples:
+        model.record(0, block_s=value, head_s=0.0)
+    p90, p99 = np.quantile(samples, 0.9), np.quantile(samples, 0.99)
+    assert model.block_cost(0, 0.999) == pytest.approx(p99 + (p99 - p90))
+    assert model.block_cost(0, 0.9999) == pytest.approx(p99 + 2 * (p99 - p90))
+    assert model.block_cost(0, 1.0) == pytest.approx(max(samples))  # the maximum stays the maximum
+    # For exponential samples the extrapolation lands near the true p99.9 (2 ms + 1 ms * ln 1000 = 8.9 ms).
+    assert model.block_cost(0, 0.999) == pytest.approx(0.002 + 0.001 * np.log(1000), rel=0.25)
+
+    # One preemption of 50 ms: the empirical p99.9 of the window jumps towards it, the tail barely moves.
+    before = model.block_cost(0, 0.999)
+    model.record(0, block_s=0.050, head_s=0.0)
+    assert np.quantile(samples + [0.050], 0.999) > 0.02
+    assert model.block_cost(0, 0.999) == pytest.approx(before, rel=0.2)  # p99 moves up by one rank, no more
+
+
 def test_window_drops_old_samples_and_follows_drift():
     model = TimingModel(1, window=8)
     for _ in range(8):

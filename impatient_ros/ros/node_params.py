@@ -69,7 +69,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("max_budget_ms", 10000.0, "Budgets above this (Budget messages, default_budget_ms) are "
               "rejected as absurd.", float_range=(0.001, 1e7)),
     ParamSpec("admission_quantile", 0.99, "A stage starts only if this quantile of its measured latency "
-              "still fits before the deadline.", float_range=(0.5, 1.0)),
+              "still fits before the deadline. Above 0.99 it is extrapolated from p90 and p99 (exponential "
+              "tail: p99.9 = p99 + (p99 - p90)); 1.0 is the window's maximum.", float_range=(0.5, 1.0)),
     ParamSpec("cascade_threshold", 3.0, "cascade mode: stop when top-1 / top-2 probability >= this "
               "(1.0 stops at stage 1).", float_range=(1.0, 1e12)),
     ParamSpec("max_stage", 0, "Deepest exit to run (1..K); 0 = no cap. A Budget message's max_stage can "
