@@ -23,7 +23,7 @@ from impatient_ros.ros.choices import RELIABILITIES, TRANSPORTS
 from impatient_ros.ros.executors import EXECUTORS
 from impatient_ros.ros.params import ParamSpec, check_values
 from impatient_ros.ros.vision_messages import VISION_MSGS_CHOICES
-from impatient_ros.runtime.engine import Mode
+from impatient_ros.runtime.engine import DEFAULT_ADMISSION_QUANTILE, Mode
 from impatient_ros.runtime.realtime import MAX_PRIORITY
 
 __all__ = [
@@ -68,7 +68,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "table sets one, from the reference time. 0 = unlimited.", float_range=(0.0, 1e6)),
     ParamSpec("max_budget_ms", 10000.0, "Budgets above this (Budget messages, default_budget_ms) are "
               "rejected as absurd.", float_range=(0.001, 1e7)),
-    ParamSpec("admission_quantile", 0.99, "A stage starts only if this quantile of its measured latency "
+    ParamSpec("admission_quantile", DEFAULT_ADMISSION_QUANTILE, "A stage starts only if this quantile of its measured latency "
               "still fits before the deadline. Above 0.99 it is extrapolated from p90 and p99 (exponential "
               "tail: p99.9 = p99 + (p99 - p90)); 1.0 is the window's maximum.", float_range=(0.5, 1.0)),
     ParamSpec("cascade_threshold", 3.0, "cascade mode: stop when top-1 / top-2 probability >= this "

@@ -24,7 +24,7 @@ import os
 import time
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from impatient_ros.core.calibration import (
 )
 from impatient_ros.core.quantiles import sorted_quantile
 
-__all__ = ["FORMAT", "VERSION", "TimingError", "TimingModel"]
+__all__ = ["FORMAT", "VERSION", "TimingError", "TimingModel", "latency_quantile", "tail_quantile"]
 
 
 class TimingError(ValueError):
@@ -64,6 +64,14 @@ TAIL_BASE, TAIL_FROM = 0.90, 0.99
 def tail_quantile(p90: float, p99: float, q: float) -> float:
     """Quantile ``q`` (p99 < q < 1) of an exponential tail through ``p90`` and ``p99``."""
     return p99 + (p99 - p90) * math.log10((1.0 - TAIL_FROM) / (1.0 - q))
+
+
+def latency_quantile(values: Sequence[float], q: float) -> float:
+    """Quantile ``q`` of latency samples by the model's rule: numpy's up to p99 and at 1.0, the tail fit between."""
+    ordered = sorted(values)
+    if q <= TAIL_FROM or q >= 1.0:
+        return sorted_quantile(ordered, q)
+    return tail_quantile(sorted_quantile(ordered, TAIL_BASE), sorted_quantile(ordered, TAIL_FROM), q)
 
 
 class _Window:
