@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from _common import checkpoint_for, interleaved, median_p90_ms, plain_network, print_table
-from impatient_ros.runtime.engine import Mode, StagedEngine, StopReason
+from impatient_ros.runtime.engine import DEFAULT_ADMISSION_QUANTILE, Mode, StagedEngine, StopReason
 from impatient_ros.runtime.realtime import use_realtime_priority
 
 
@@ -130,7 +130,7 @@ def part_deadlines(engine: StagedEngine, image: np.ndarray, order: str, runs: in
                 for q in quantiles:
                     a = acc[q]
                     engine.admission_quantile = q
-                    stage1_p99 = engine.timing.stage_cost(0, 0.99)  # as p99 admission sees it now
+                    stage1_p99 = engine.timing.stage_cost(0, 0.99)  # the target's eligibility: stage 1's p99 now
                     del collections[:]
                     began = time.monotonic()
                     report = engine.run(image, order, deadline=began + budget, mode=mode)
@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-runs", type=int, default=0, help="runs per budget distribution and mode")
     parser.add_argument("--heldout", type=int, default=0, help="held-out runs for the p99 error")
     parser.add_argument("--quick", action="store_true", help="a quarter of the default counts")
-    parser.add_argument("--admission-quantiles", type=float, nargs="+", default=[0.99], metavar="Q",
-                        help="admission quantiles of the deadline part; each budget runs once per quantile, "
+    parser.add_argument("--admission-quantiles", type=float, nargs="+", default=[DEFAULT_ADMISSION_QUANTILE], metavar="Q",
+                        help="admission quantiles of the deadline part (default: the engine's); each budget runs once per quantile, "
                              "interleaved (above 0.99 the timing model extrapolates an exponential tail)")
     parser.add_argument("--realtime-priority", type=int, default=0,
                         help="run this (the measuring) thread under SCHED_FIFO at this priority, as the node's "
