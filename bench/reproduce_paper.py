@@ -47,6 +47,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -194,13 +195,6 @@ PLANS: dict[str, dict[str, Regime]] = {
                         schemes=("EQ", "ILIN", "IPOLY"), distill_schemes=(),
                         timing_iterations=50, checkpoint="last", recalibrate_bn=True,
                         lr_grid_impatient=(0.002, 0.005), impatient_variants=LITE0_IMPATIENT_VARIANTS),
-        # Opt-in (--regimes lite0_conv_heads): lite0 with conv-head candidates for OURS (LITE0_CONV_HEAD_VARIANTS).
-        "lite0_conv_heads": Regime("lite0_conv_heads", "efficientnet_lite0", True, (64, 64), train_per_class=100,
-                                   val_per_class=20, test_per_class=300, epochs=5, lr=0.02, batch_size=32,
-                                   augmentation="none", lr_grid_ft=(0.002, 0.005, 0.02),
-                                   lr_grid_ours=(0.005, 0.02, 0.05), schemes=("EQ", "ILIN", "IPOLY"),
-                                   distill_schemes=(), timing_iterations=50, checkpoint="last", recalibrate_bn=True,
-                                   lr_grid_impatient=(0.002, 0.005), impatient_variants=LITE0_CONV_HEAD_VARIANTS),
         # Opt-in (--regimes lite0_slow_backbone): lite0 with the backbone's blocks at a tenth of the heads'
         # learning rate, for FT's STD network and OURS alike. ORIG's frozen pretrained features beat every
         # fine-tuned column of the lite0 regime: with 1,000 labelled images, fine-tuning at the heads' rate
@@ -238,8 +232,13 @@ PLANS: dict[str, dict[str, Regime]] = {
 
 # Learning rates the full run (3 seeds) chose on val at seed 0 from its grids (FT: STD last-exit val accuracy; PAPER:
 # PAPER(EQ) val E[acc]): bench/results/paper_reproduction.md before issue 12. --reuse-lr takes them as they are.
-PRIOR_LR: dict[str, dict[str, float]] = {"smallcnn": {"FT": 0.01, "OURS": 0.1}, "lite0": {"FT": 0.002, "OURS": 0.02},
-                                         "lite0_conv_heads": {"FT": 0.002, "OURS": 0.02}}  # lite0's data and baselines
+PRIOR_LR: dict[str, dict[str, float]] = {"smallcnn": {"FT": 0.01, "OURS": 0.1}, "lite0": {"FT": 0.002, "OURS": 0.02}}
+
+# Opt-in (--regimes lite0_conv_heads): lite0 with conv-head candidates for OURS (LITE0_CONV_HEAD_VARIANTS);
+# the same data and baselines, so the same prior rates.
+PLANS["full"]["lite0_conv_heads"] = replace(PLANS["full"]["lite0"], name="lite0_conv_heads",
+                                            impatient_variants=LITE0_CONV_HEAD_VARIANTS)
+PRIOR_LR["lite0_conv_heads"] = PRIOR_LR["lite0"]
 
 
 def lite0_available() -> str | None:
@@ -750,29 +749,39 @@ def impatient_network(regime: Regime, scheme: str, seed: int, config: Any, work:
     Pretrained backbone: trained by the trainer with the impatient recipe. Otherwise the impatient recipe's
     training is the paper recipe's (no LP-FT start; the same joint training), so the paper-recipe run's chosen
     epoch at ``lr`` is copied and only the post-hoc levers (refit, ensemble) run on it
-    (training.recipe.finalize_run_dir).
+    (finalized_copy).
+    """
+    cfg = config(scheme, seed, False, "impatient")
+    if regime.pretrained:
+        return train_network(cfg, clock)
+    return finalized_copy(cfg, lambda: train_network(paper_config(regime, scheme, seed, False, work, lr), clock), clock)
+
+
+def finalized_copy(cfg: TrainConfig, paper_best: Callable[[], Path], clock: Clock) -> Path:
+    """best.pt of the impatient recipe's post-hoc levers (refit, ensemble) on a copy of a paper-recipe run.
+
+    ``cfg`` is the impatient run's config (its folder: ``cfg.out``); ``paper_best()`` returns the
+    paper-recipe run's best.pt (training it if need be) and is only called when ``cfg.out`` holds no
+    finished identical copy. The copy gets its own finished.json, so a later invocation reuses it.
     """
     import shutil
 
     from training.recipe import finalize_run_dir
 
-    cfg = config(scheme, seed, False, "impatient")
-    if regime.pretrained:
-        return train_network(cfg, clock)
     out = Path(cfg.out)
     if _finished(cfg) is not None and (out / "best_trained.pt").is_file():
         return out / "best.pt"
-    paper_best = train_network(paper_config(regime, scheme, seed, False, work, lr), clock)
+    source = paper_best()
     out.mkdir(parents=True, exist_ok=True)
     for name in ("best.pt", "best.pt.sha256"):
-        if (paper_best.parent / name).is_file():
-            shutil.copyfile(paper_best.parent / name, out / name)
+        if (source.parent / name).is_file():
+            shutil.copyfile(source.parent / name, out / name)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
     finalize_run_dir(out, cfg)
     clock.add("probes", time.perf_counter() - t0)
     (out / "finished.json").write_text(json.dumps({"config": json.dumps(cfg.to_dict(), sort_keys=True),
-                                                   "seconds": 0.0, "from": str(paper_best)}))
+                                                   "seconds": 0.0, "from": str(source)}))
     return out / "best.pt"
 
 

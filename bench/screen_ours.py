@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -94,24 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rp.train_many(list(cfgs.values()), clock)
     rows = []
+    overrides_of = dict(args.candidate)
     for (scheme, name), cfg in cfgs.items():
         best = rp.train_network(cfg, clock)
         if recipe == "paper":
-            from training.recipe import finalize_run_dir
-
-            overrides = dict(args.candidate)[name]
-            fin_cfg = candidate_config(regime, scheme, args.seed, args.work, name, overrides, lr, "impatient")
-            fin = Path(fin_cfg.out)
-            if not (fin / "metrics.jsonl").is_file():
-                fin.mkdir(parents=True, exist_ok=True)
-                for f in ("best.pt", "best.pt.sha256"):
-                    if (best.parent / f).is_file():
-                        shutil.copyfile(best.parent / f, fin / f)
-                finalize_run_dir(fin, fin_cfg)
-            best = fin / "best.pt"
+            fin_cfg = candidate_config(regime, scheme, args.seed, args.work, name, overrides_of[name], lr, "impatient")
+            best = rp.finalized_copy(fin_cfg, lambda best=best: best, clock)
         rec = finalize_record(best)
         row = {"regime": regime.name, "scheme": scheme, "candidate": name, "seed": args.seed,
-               "overrides": dict(args.candidate)[name],
+               "overrides": overrides_of[name],
                "val_expected_plain": rec["val_expected_accuracy"],
                "val_expected_ensemble": rec["val_ensemble_expected_accuracy"],
                "val_exit_accuracy": rec["val_exit_accuracy"], "val_ensemble_exit_accuracy": rec["ensemble"]["val_accuracy"]}

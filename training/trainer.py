@@ -53,7 +53,7 @@ from impatient_ros.runtime.model import ImpatientNet, NetConfig, build_network
 from impatient_ros.core.atomic import atomic_write
 from impatient_ros.core.budget import expected_accuracy
 from . import recipe
-from .config import ConfigError, TrainConfig, describe, save_yaml
+from .config import DISTILL_TEACHERS, ConfigError, TrainConfig, describe, save_yaml
 from .data import DataBundle, load_data
 from .distributed import (
     DistContext,
@@ -211,8 +211,8 @@ class JointLoss:
 
     def __init__(self, weights: Sequence[float], label_smoothing: float = 0.0, distill: bool = False,
                  distill_weight: float = 0.5, temperature: float = 3.0, teacher: str = "last") -> None:
-        if teacher not in ("last", "ensemble"):
-            raise ValueError(f"unknown distillation teacher {teacher!r}; valid: last, ensemble")
+        if teacher not in DISTILL_TEACHERS:
+            raise ValueError(f"unknown distillation teacher {teacher!r}; valid: {', '.join(DISTILL_TEACHERS)}")
         self.weights = [float(w) for w in weights]
         self.label_smoothing = label_smoothing
         self.distill = distill

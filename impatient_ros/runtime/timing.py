@@ -66,12 +66,17 @@ def tail_quantile(p90: float, p99: float, q: float) -> float:
     return p99 + (p99 - p90) * math.log10((1.0 - TAIL_FROM) / (1.0 - q))
 
 
+def _sorted_latency_quantile(ordered: Sequence[float], q: float, n: int) -> float:
+    """The model's rule on the first ``n`` values of ``ordered`` (ascending): numpy's up to p99 and at 1.0, else the tail."""
+    if q <= TAIL_FROM or q >= 1.0:
+        return sorted_quantile(ordered, q, n)
+    return tail_quantile(sorted_quantile(ordered, TAIL_BASE, n), sorted_quantile(ordered, TAIL_FROM, n), q)
+
+
 def latency_quantile(values: Sequence[float], q: float) -> float:
     """Quantile ``q`` of latency samples by the model's rule: numpy's up to p99 and at 1.0, the tail fit between."""
     ordered = sorted(values)
-    if q <= TAIL_FROM or q >= 1.0:
-        return sorted_quantile(ordered, q)
-    return tail_quantile(sorted_quantile(ordered, TAIL_BASE), sorted_quantile(ordered, TAIL_FROM), q)
+    return _sorted_latency_quantile(ordered, q, len(ordered))
 
 
 class _Window:
@@ -161,9 +166,7 @@ class _Window:
         n = len(ordered)
         if limit < ordered[-1]:
             n = max(1, bisect_right(ordered, limit))
-        if q <= TAIL_FROM or q >= 1.0:
-            return sorted_quantile(ordered, q, n)
-        return tail_quantile(sorted_quantile(ordered, TAIL_BASE, n), sorted_quantile(ordered, TAIL_FROM, n), q)
+        return _sorted_latency_quantile(ordered, q, n)
 
     def mean(self) -> float:
         self._sync()
