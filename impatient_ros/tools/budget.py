@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import Any, Sequence
 
 from builtin_interfaces.msg import Duration as DurationMsg
@@ -48,9 +49,16 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               int_range=(0, 2**31 - 1)),
     ParamSpec("reliability", "reliable", "QoS reliability of the budget topic", read_only=True,
               choices=RELIABILITIES, list_choices=False),
-    ParamSpec("wait_for_subscribers", 0, "hold the first message until the budget topic has this many "
-              "subscribers; the schedule starts then (0: start at once)", read_only=True, int_range=(0, 1000)),
+    ParamSpec("wait_for_subscribers", 0, "hold the first message until the budget topic has had this many "
+              "subscribers for 0.2 s; the schedule starts then (0: start at once)", read_only=True,
+              int_range=(0, 1000)),
 )
+
+# The publisher counts a subscriber as soon as it has matched the reader, which can be before the reader
+# has matched this writer; a reliable volatile reader drops what is sent in between (the first budget of
+# a seeded schedule went missing in tests/test_tools.py on a loaded machine). Holding the first message
+# until the count has stood this long lets the other side's discovery finish.
+MATCH_SETTLE_S = 0.2
 
 
 def duration_from_ms(value_ms: float) -> DurationMsg:
@@ -75,6 +83,7 @@ class BudgetNode(Node):
         self.exit_status = 0
         self.done = Future()
         self.sent = 0
+        self._subscribed_since: float | None = None  # monotonic time the wanted subscriber count was reached
         self.schedule: BudgetSchedule = parse_schedule(self._param("schedule"), self._param("seed"))
         self._start_ns = self.get_clock().now().nanoseconds
         self.publisher = self.create_publisher(
@@ -109,10 +118,23 @@ class BudgetNode(Node):
             self.timer.timer_period_ns = int(1e9 / self._param("rate_hz"))
             self.timer.reset()
 
+    def _subscribers_settled(self) -> bool:
+        """``wait_for_subscribers`` subscribers, for at least MATCH_SETTLE_S (always true when it is 0)."""
+        wanted = self._param("wait_for_subscribers")
+        if not wanted:
+            return True
+        if self.publisher.get_subscription_count() < wanted:
+            self._subscribed_since = None
+            return False
+        now = time.monotonic()
+        if self._subscribed_since is None:
+            self._subscribed_since = now
+        return now - self._subscribed_since >= MATCH_SETTLE_S
+
     def _tick(self) -> None:
         if self.done.done():
             return
-        if self.sent == 0 and self.publisher.get_subscription_count() < self._param("wait_for_subscribers"):
+        if self.sent == 0 and not self._subscribers_settled():
             self._start_ns = self.get_clock().now().nanoseconds  # the schedule starts with the first message
             return
         now = self.get_clock().now()
