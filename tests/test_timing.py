@@ -316,3 +316,60 @@ def test_a_window_nobody_reads_stays_bounded():
     for i in range(1000):
         model.record_run(0, 0.001 * (i % 7), None, None, None, at=float(i))
     assert len(model._block[0].pending) < 16 and len(model._block[0].recent) == 16
+
+
+def test_hand_over_cost_is_the_tail_quantile_of_its_window_with_the_ageing_rule():
+    clock = _Clock()
+    model = TimingModel(2, recent_s=0.5, min_recent=8, clock=clock)
+    assert model.hand_over_cost(0.999) == 0.0  # nothing handed over yet: nothing to reserve
+    samples = np.random.default_rng(5).lognormal(np.log(1e-4), 0.3, size=256)
+    for value in samples:
+        model.record_hand_over(value)
+        clock.t += 1 / 120
+    p90, p99 = np.quantile(samples, [0.9, 0.99])
+    assert model.hand_over_cost(0.99) == pytest.approx(p99)
+    assert model.hand_over_cost(0.999) == pytest.approx(p99 + (p99 - p90))  # the stages' tail rule
+    model.record_hand_over(0.05)  # one stall (the GIL, a preemption): counts while recent ...
+    assert model.hand_over_cost(1.0) == pytest.approx(0.05)
+    assert model.hand_over_cost(0.999) < 2 * (p99 + (p99 - p90))  # ... but barely moves the p99.9
+    for _ in range(8):
+        clock.t += 0.1
+        model.record_hand_over(1e-4)
+    assert model.hand_over_cost(1.0) < 0.05  # ... and stops counting once old and outvoted
+    assert model.sample_counts(0) == (0, 0)  # the stages' windows are apart
+    model.reset()
+    assert model.hand_over_cost(0.999) == 0.0 and model.hand_over_samples() == []
+
+
+@pytest.mark.parametrize("bad", [-1e-3, math.nan, math.inf])
+def test_bad_hand_over_times_rejected(bad):
+    with pytest.raises(TimingError, match="hand-over"):
+        TimingModel(1).record_hand_over(bad)
+    with pytest.raises(TimingError, match="quantile"):
+        TimingModel(1).hand_over_cost(1.5)
+
+
+def test_delivery_is_the_quantile_of_stage_plus_hand_over_once_enough_samples_exist():
+    clock = _Clock()
+    model = TimingModel(2, min_sum_samples=20, clock=clock)
+    rng = np.random.default_rng(7)
+    stage = rng.lognormal(np.log(1e-3), 0.3, size=256)
+    hand_over = rng.lognormal(np.log(2e-4), 0.5, size=256)
+    q = 0.999
+    for i, (s_, h) in enumerate(zip(stage, hand_over)):
+        if i == 19:  # 19 joint samples: too few, the sum of the two quantiles stands in (conservative)
+            assert model.predict_delivery(0, q) == pytest.approx(
+                model.predict_anytime_completion(0, q) + model.hand_over_cost(q))
+        model.record_run(0, s_, 0.0, s_, None, clock.t)
+        model.record_hand_over(h, 0, s_, clock.t)
+        clock.t += 1 / 30
+    joint = stage + hand_over
+    p90, p99 = np.quantile(joint, [0.9, 0.99])
+    assert model.predict_delivery(0, 0.99) == pytest.approx(p99)
+    assert model.predict_delivery(0, q) == pytest.approx(p99 + (p99 - p90))
+    # Independent tails rarely add up: the joint p99.9 is below the sum of the two p99.9s.
+    assert model.predict_delivery(0, q) < model.predict_anytime_completion(0, q) + model.hand_over_cost(q)
+    with pytest.raises(TimingError, match="no block timing"):
+        model.predict_delivery(1, q)  # its fallback needs the stage's own timings
+    model.record_hand_over(1e-4, None, None, clock.t)  # a repeated final answer: no stage of its own
+    assert len(model.hand_over_samples()) == 257 - 1  # the window holds 256
