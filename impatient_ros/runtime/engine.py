@@ -15,16 +15,10 @@ Rules that hold in every mode:
 
 * A stage that has started always completes (PyTorch kernels cannot be
   interrupted safely); the engine instead decides *before* each stage: it starts
-  stage k only if ``now + predicted delivery <= deadline``, the prediction
+  stage k only if ``now + predicted completion <= deadline``, the prediction
   being the :class:`~impatient_ros.runtime.timing.TimingModel` quantile
-  ``admission_quantile`` (p99.9 by default, from the model's exponential tail
-  fit) of that stage's block + head + the hand-over of its answer (``on_result``,
-  measured in the same run; without a callback, block + head alone). An answer
-  counts once it has been handed over (a node publishes it in ``on_result``), so
-  the final one's hand-over must end by the deadline too. Deciding on stage k+1
-  before exit k is handed over adds exit k's typical (median) hand-over; should
-  it take longer and stage k+1 no longer fit, exit k goes out again as the final
-  answer (see below).
+  ``admission_quantile`` (p99.9 by default, from the model's exponential tail fit)
+  of that stage's block + head.
 * Nothing is guessed: with a deadline and no timings the run raises
   :class:`~impatient_ros.runtime.timing.TimingError` (calibrate or load a file first).
 * Every run's measured block and head times update the timing model (online,
@@ -80,6 +74,7 @@ import gc
 import math
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,6 +296,7 @@ class StagedEngine:
         self.cuda_graphs = bool(getattr(self._executor, "graphs", False))
         self.device_label = self._describe_device()
         self.overhead_s = _DEFAULT_CUDA_OVERHEAD_S if self.device.type == "cuda" else 0.0
+        self._callback_s: deque[float] = deque(maxlen=32)
         self._active_run: StagedRun | None = None  # the run whose image the executor holds
 
         if timing is None:
@@ -543,7 +539,7 @@ class StagedEngine:
         stage always runs: a slow callback cannot leave a non-final answer last.
         """
         now = self.clock()
-        predicted = self._admit(0, now, report.deadline, self._hand_over_share(0, on_result))
+        predicted = self._admit(0, now, report.deadline)
         if predicted is None:
             report.stop_reason = StopReason.NO_TIME
             return
@@ -561,11 +557,7 @@ class StagedEngine:
                 # The device starts stage k+1 when exit k is done: now if it already is,
                 # else (conservatively) when exit k is predicted to be ready.
                 next_started = now if self._executor.done(handle) else max(now, predicted_ready)
-                # Exit k+1 is handed over once it is ready and exit k's hand-over (on the host, while
-                # the device runs stage k+1) is done: both counted, the first overlapping the stage.
-                cost = self._predict(k + 1)
-                need = max(cost, self._typical_hand_over(on_result)) + self._hand_over_share(k + 1, on_result)
-                next_predicted = cost if self._fits(next_started, need, report.deadline) else None
+                next_predicted = self._admit(k + 1, next_started, report.deadline)
                 stop = StopReason.NONE if next_predicted is not None else StopReason.DEADLINE
             next_handle = self._executor.launch(k + 1) if next_predicted is not None else None
             out = self._executor.wait(handle)
@@ -590,10 +582,7 @@ class StagedEngine:
             if self.timing.is_calibrated:
                 predicted = cost_of(chosen)
         else:
-            # Its one answer must be handed over by the deadline too: the hand-over's own quantile added
-            # (a sum of quantiles, conservative; a-priori has no per-exit delivery window).
-            reserve = self._hand_over_reserve(on_result)
-            costs = [cost_of(k) + reserve for k in range(cap)]
+            costs = [cost_of(k) for k in range(cap)]
             # Choose, then check again at the start: the process can lose the CPU in between (a late
             # a-priori answer on a loaded machine came from an 8 ms pause there, its exit within its p99).
             for now in (now, self.clock()):
@@ -601,7 +590,7 @@ class StagedEngine:
                                if now < report.deadline and now + costs[k] <= report.deadline), None)
                 if chosen is None:
                     break
-                predicted = costs[chosen] - reserve
+                predicted = costs[chosen]
         if chosen is None:
             report.stop_reason = StopReason.NO_TIME
             return
@@ -693,16 +682,15 @@ class StagedEngine:
         """Admission: a stage of predicted ``cost`` started at ``start`` ends by ``deadline`` (None: always)."""
         return deadline is None or (start < deadline and start + cost <= deadline)
 
-    def _admit(self, k: int, start: float, deadline: float | None, reserve: float = 0.0) -> float | None:
-        """Predicted completion time of stage k if it and ``reserve`` fit between ``start`` and ``deadline``.
+    def _admit(self, k: int, start: float, deadline: float | None) -> float | None:
+        """Predicted completion time of stage k if it fits between ``start`` and ``deadline``, else None.
 
-        None when they do not. Without a deadline every stage fits; its prediction is NaN when the
-        model has no timings.
+        Without a deadline every stage fits; its prediction is NaN when the model has no timings.
         """
         if deadline is not None and start >= deadline:  # no stage takes zero time: no need to ask the model
             return None
         cost = self._predict(k)
-        return cost if self._fits(start, cost + reserve, deadline) else None
+        return cost if self._fits(start, cost, deadline) else None
 
     def _park(self) -> None:
         """Keep the executor's in-flight run's state in that run before another image uses the executor."""
@@ -792,30 +780,9 @@ class StagedEngine:
         self._probe_free_at = end + (end - now) * (1.0 - self.probe_duty) / self.probe_duty
         report.probed_stages = probed
 
-    def _hand_over_reserve(self, on_result: Callable[[StageResult], Any] | None) -> float:
-        """The admission quantile of the recent ``on_result`` calls (the timing model's hand-over window);
-        zero without a callback or before one ran."""
-        if on_result is None:
-            return 0.0
-        return self.timing.hand_over_cost(self.admission_quantile)
-
-    def _typical_hand_over(self, on_result: Callable[[StageResult], Any] | None) -> float:
-        """The median of the recent ``on_result`` calls (zero without a callback or before one ran)."""
-        if on_result is None:
-            return 0.0
-        return self.timing.hand_over_cost(0.5)
-
-    def _hand_over_share(self, k: int, on_result: Callable[[StageResult], Any] | None) -> float:
-        """What admission adds to stage k's predicted cost for handing its answer over.
-
-        The admission quantile of stage k's delivery (block + head + hand-over, one run) minus that of
-        block + head: so a stage is admitted on its delivery, a sum whose quantile is far below the sum
-        of the two quantiles. Zero without a callback.
-        """
-        if on_result is None or not self.timing.is_calibrated:
-            return 0.0
-        q = self.admission_quantile
-        return max(0.0, self.timing.predict_delivery(k, q) - self.timing.predict_anytime_completion(k, q))
+    def _callback_estimate(self) -> float:
+        """Seconds reserved for handing one answer over: the longest of the recent ``on_result`` calls."""
+        return max(self._callback_s) if self._callback_s else 0.0
 
     def _result(self, out: StageOutput, began: float, stop: StopReason) -> StageResult:
         """The StageResult of one exit (ranked from its probabilities when first read, see stage_results).
@@ -843,19 +810,14 @@ class StagedEngine:
             report.stages_run = deepest + 1
         report.stop_reason = stop
         if on_result is not None:
-            # One stage's block + head (anytime, cascade): with the hand-over, a sample of its delivery.
-            stage_s = report.actual_s[-1] if len(blocks) == 1 and report.mode is not Mode.APRIORI else None
-            self._hand_over(result, on_result, stage_s)
+            self._hand_over(result, on_result)
 
-    def _hand_over(self, result: StageResult, on_result: Callable[[StageResult], Any] | None,
-                   stage_s: float | None = None) -> None:
-        """Call ``on_result``; its duration goes into the timing model (``stage_s``: the exit's block + head
-        measured just before, so the model also learns the stage's delivery; None for a repeated answer)."""
+    def _hand_over(self, result: StageResult, on_result: Callable[[StageResult], Any] | None) -> None:
+        """Call ``on_result``; its duration is kept, as admission reserves the recent maximum for it."""
         if on_result is not None:
             t0 = self.clock()
             on_result(result)
-            t1 = self.clock()
-            self.timing.record_hand_over(t1 - t0, result.stage - 1, stage_s, t1)
+            self._callback_s.append(self.clock() - t0)
 
     def _repeat_final(self, report: RunReport, stop: StopReason) -> StageResult:
         """Add a final copy of the last result (handed over as not final) to the report and return it.
@@ -974,12 +936,10 @@ class StagedRun:
     @property
     def step_cost(self) -> float:
         """Predicted seconds until the next stage's answer has been handed over: :attr:`next_cost` plus
-        its hand-over, at the admission quantile (what admission fits before the deadline, and what a
-        scheduler waits for before it chooses again)."""
-        engine = self._engine
-        if self.report.mode is Mode.APRIORI:
-            return self._predicted + engine._hand_over_reserve(self._on_result)
-        return self._predicted + engine._hand_over_share(self._k, self._on_result)
+        the recent maximum duration of ``on_result`` (what a scheduler waits for before it chooses again)."""
+        if self._on_result is None:
+            return self._predicted
+        return self._predicted + self._engine._callback_estimate()
 
     @property
     def answered(self) -> bool:
@@ -988,7 +948,7 @@ class StagedRun:
 
     def fits(self, now: float) -> bool:
         """Whether the next stage, started at ``now``, is predicted to end by the deadline (the admission rule)."""
-        return not self.done and self._engine._fits(now, self.step_cost, self.report.deadline)
+        return not self.done and self._engine._fits(now, self._predicted, self.report.deadline)
 
     def step(self) -> bool:
         """Run the next stage (or end the run when it no longer fits); True while more steps may follow."""
@@ -1039,9 +999,8 @@ class StagedRun:
                 return False
             k, predicted = self._k, self._predicted
             # Admission now: right after the previous stage when stepped back to back (run()), or
-            # after other images' stages when a scheduler interleaves them. The stage's answer must be
-            # handed over by the deadline too (it may be the final one).
-            if not engine._fits(clock(), self.step_cost, deadline):
+            # after other images' stages when a scheduler interleaves them.
+            if not engine._fits(clock(), predicted, deadline):
                 self._stop_before_next()
                 self._end()
                 return False
@@ -1059,12 +1018,9 @@ class StagedRun:
             elif k + 1 >= self._cap:
                 stop = StopReason.MAX_STAGE
             else:
-                # Exit k's hand-over runs before the next stage (its median; if it takes longer, the next
-                # step's admission refuses the stage and exit k goes out again as the final answer), then
-                # the next stage is admitted on its delivery.
+                # The callback runs before the next stage: reserve its recent maximum duration.
                 next_predicted = engine._predict(k + 1)
-                fits = engine._fits(clock() + engine._typical_hand_over(on_result),
-                                    next_predicted + engine._hand_over_share(k + 1, on_result), deadline)
+                fits = engine._fits(clock() + engine._callback_estimate(), next_predicted, deadline)
                 stop = StopReason.NONE if fits else StopReason.DEADLINE
             engine._emit(report, out, result, stop, predicted, started, k, on_result)
             if stop is not StopReason.NONE:

@@ -266,14 +266,7 @@ class TimingModel:
         self._head = [_Window(self.window) for _ in range(self.num_stages)]
         self._stage = [_Window(self.window) for _ in range(self.num_stages)]  # block k + head k, one run
         self._path = [_Window(self.window) for _ in range(self.num_stages)]  # blocks 0..k, one run
-        # Stage k's block + head and then the hand-over of its answer (the engine's on_result: a node
-        # builds and publishes the message), one run: what admission must fit before the deadline when the
-        # answer may be the final one.
-        self._delivered = [_Window(self.window) for _ in range(self.num_stages)]
-        self._windows = {"block": self._block, "head": self._head, "stage": self._stage, "path": self._path,
-                         "delivered": self._delivered}
-        # The hand-over alone: one window for the whole network (it depends on the consumer, not the stage).
-        self._hand_over = _Window(self.window)
+        self._windows = {"block": self._block, "head": self._head, "stage": self._stage, "path": self._path}
         self._complete = False  # every stage has block and head samples (is_calibrated)
 
     # ------------------------------------------------------------------ updates
@@ -342,30 +335,14 @@ class TimingModel:
             return
         self.clock = clock
         now = clock()
-        for store in (*self._block, *self._head, *self._stage, *self._path, *self._delivered, self._hand_over):
+        for store in (*self._block, *self._head, *self._stage, *self._path):
             store.restamp(now)
 
     def reset(self) -> None:
         """Forget every sample (e.g. before re-calibrating on a changed device)."""
-        for store in (*self._block, *self._head, *self._stage, *self._path, *self._delivered, self._hand_over):
+        for store in (*self._block, *self._head, *self._stage, *self._path):
             store.clear()
         self._complete = False
-
-    def record_hand_over(self, seconds: float, stage: int | None = None, stage_s: float | None = None,
-                         at: float | None = None) -> None:
-        """Add one duration of handing an answer over (the engine's ``on_result`` call), measured at ``at``.
-
-        With ``stage`` and ``stage_s`` (that stage's block + head, measured in the same run just before),
-        their sum is also a sample of the stage's delivery (:meth:`predict_delivery`).
-        """
-        value = float(seconds)
-        if not math.isfinite(value) or value < 0.0:
-            raise TimingError(f"hand-over time must be a finite number >= 0 s, got {seconds!r}")
-        at = self.clock() if at is None else float(at)
-        self._hand_over.add(value, at)
-        if stage is not None and stage_s is not None:
-            self._check_stage(stage)
-            self._add("delivered", stage, float(stage_s) + value, at)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -418,39 +395,6 @@ class TimingModel:
                 and min(len(joint.recent) + len(joint.pending), self.window) >= self.min_sum_samples):
             return self._aged(joint, q)
         return self.stage_cost(stage, q)
-
-    def hand_over_cost(self, q: float = 0.99) -> float:
-        """Quantile ``q`` of the hand-over time in seconds, under the ageing rule; 0 before any was recorded.
-
-        Admission adds it to a stage's cost: an answer counts once it has been
-        handed over (a node has published it), so the last one's hand-over must
-        end by the deadline too. A quantile rather than the recent maximum: one
-        hand-over stalled by a preemption or the GIL would otherwise refuse
-        every deep stage until it left the window.
-        """
-        self._check_q(q)
-        if not self._hand_over:
-            return 0.0
-        return self._aged(self._hand_over, q)
-
-    def hand_over_samples(self) -> list[float]:
-        """Copy of the hand-over samples (seconds), oldest first."""
-        return list(self._hand_over)
-
-    def predict_delivery(self, stage: int, q: float = 0.99) -> float:
-        """Time from now until exit ``stage`` is ready *and handed over*, at quantile ``q``.
-
-        The quantile of the sum measured within one run (block + head + hand-over)
-        once its window holds ``min_sum_samples``; before that the sum of the two
-        quantiles (conservative, see the class note). The sum's quantile is far
-        smaller than the sum of quantiles: a slow stage and a slow hand-over rarely
-        come together, and reserving both tails refused many frames the node would
-        have answered in time (``bench/results/soak_hand_over_*.md``).
-        """
-        joint = self._delivered[stage] if 0 <= stage < self.num_stages else None
-        if joint is not None and 0.0 <= q <= 1.0 and len(joint) >= self.min_sum_samples:
-            return self._aged(joint, q)
-        return self.predict_anytime_completion(stage, q) + self.hand_over_cost(q)
 
     def predict_exit_cost(self, stage: int, q: float = 0.99) -> float:
         """A-priori cost of exit ``stage``: blocks 0..stage plus only head ``stage``, at quantile ``q``.
