@@ -26,8 +26,8 @@ def _trained_like(head: torch.nn.Module, shape: tuple[int, int, int]) -> torch.n
     return head.eval()
 
 
-@pytest.mark.parametrize("kind", ["fc", "avg", "avg4x4"])
-@pytest.mark.parametrize("shape", [(8, 2, 2), (4, 4, 4), (16, 8, 8), (8, 7, 5), (32, 16, 16)])
+@pytest.mark.parametrize("kind", ["fc", "avg", "avg2x2", "avg4x4", "avg7x7"])
+@pytest.mark.parametrize("shape", [(8, 2, 2), (4, 4, 4), (16, 8, 8), (8, 7, 5), (8, 7, 7), (32, 16, 16)])
 def test_fused_head_equals_trained_head(kind, shape):
     torch.manual_seed(0)
     head = _trained_like(make_head(kind, shape[0], shape[1:], 10), shape)

@@ -104,7 +104,9 @@ def test_backbone_with_head(backbone: str, head: str) -> None:
     config = small_config(backbone, head)
     net = build_network(config)
     assert net.num_stages == EXPECTED_STAGES[backbone]
-    check_network(net, batch_for(config))
+    # EfficientNet's stochastic depth drops a block's branch per image in training mode: with two images
+    # both may drop one (all-zero gradients for that block, which the check would flag), with eight not.
+    check_network(net, batch_for(config, 8 if backbone.startswith("efficientnet") else 2))
 
 
 @pytest.mark.slow

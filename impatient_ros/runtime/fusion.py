@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import Avg4x4Head, AvgHead, ConvHead, FCHead
+from .heads import AvgGridHead, AvgHead, ConvHead, FCHead
 
 # Pooling and linear layer merge into one matrix product when the dense matrix
 # (C*H*W inputs x classes) has at most this many entries (256 KiB in float32):
@@ -124,7 +124,7 @@ def _fused_avg(norm: nn.modules.batchnorm._BatchNorm, fc: nn.Linear, grid: int, 
     """pool(grid) -> BN1d -> Linear on (C, H, W) maps as one FusedHead (identity pool, dense or pooled)."""
     c, hh, ww = shape
     w, b = _folded(norm, fc, 1)
-    name = "avg" if grid == 1 else "avg4x4"
+    name = "avg" if grid == 1 else f"avg{grid}x{grid}"
     if (hh, ww) == (grid, grid):  # pooling is the identity
         return FusedHead(w, b, None, f"{name} (identity pool)")
     if c * hh * ww * w.shape[0] <= dense_max_entries:
@@ -172,8 +172,8 @@ def fuse_head(head: nn.Module, feature_shape: tuple[int, int, int],
     if isinstance(head, FCHead):
         w, b = _folded(head.norm, head.fc, hh * ww)
         fused = FusedHead(w, b, None, "fc (folded)")
-    elif isinstance(head, (AvgHead, Avg4x4Head)):
-        grid = 1 if isinstance(head, AvgHead) else Avg4x4Head.GRID
+    elif isinstance(head, (AvgHead, AvgGridHead)):
+        grid = 1 if isinstance(head, AvgHead) else head.grid
         fused = _fused_avg(head.norm, head.fc, grid, (c, hh, ww), dense_max_entries)
     elif isinstance(head, ConvHead):
         conv = _folded_conv(head.conv, head.conv_norm)

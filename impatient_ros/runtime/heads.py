@@ -6,6 +6,12 @@ The three kinds follow Amthor et al. (BMVC 2016, Fig. 2 right):
 * ``"avg"``    -- global average pooling, then a fully connected layer,
 * ``"avg4x4"`` -- average pooling into 4x4 = 16 regions (keeps rough spatial
   layout), then a fully connected layer; the paper's choice,
+* ``"avg2x2"``, ``"avg7x7"`` -- the same on a 2x2 / 7x7 grid (:class:`AvgGridHead`):
+  the paper's 4x4 grid was made for 224x224 images, whose stage maps are 56 to 7
+  pixels a side; on small inputs an early 28x28 or 32x32 map averaged into 4x4
+  cells loses detail a finer grid keeps, and a deep 2x2 map copied into 4x4
+  cells only repeats itself. The impatient recipe chooses the grid per exit on
+  validation data (``training.probes``),
 * ``"conv"``   -- an MSDNet-style head (Huang et al., ICLR 2018): one 3x3
   convolution + batch norm + ReLU in front of the ``avg4x4`` head, so an
   early exit gets a layer of its own instead of reading the backbone's
@@ -21,7 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HEAD_KINDS: tuple[str, ...] = ("fc", "avg", "avg4x4", "conv")
+HEAD_KINDS: tuple[str, ...] = ("fc", "avg", "avg2x2", "avg4x4", "avg7x7", "conv")
+# The average-pooling kinds and their grid (cells a side): "avg" pools globally.
+AVG_GRIDS: dict[str, int] = {"avg": 1, "avg2x2": 2, "avg4x4": 4, "avg7x7": 7}
 
 
 class FCHead(nn.Module):
@@ -59,25 +67,37 @@ class AvgHead(nn.Module):
         return self.fc(self.norm(torch.flatten(self.pool(h), 1)))
 
 
-class Avg4x4Head(nn.Module):
-    """Average pool into a 4x4 grid -> BN over the 16*C features -> Linear.
+class AvgGridHead(nn.Module):
+    """Average pool into a ``grid`` x ``grid`` grid -> BN over the grid*grid*C features -> Linear.
 
-    Feature maps smaller than 4x4 are accepted: adaptive pooling then repeats
-    cells, so the head keeps one fixed size for every input resolution.
+    Feature maps smaller than the grid are accepted: adaptive pooling then
+    repeats cells, so the head keeps one fixed size for every input resolution.
     """
+
+    def __init__(self, in_channels: int, num_classes: int, grid: int = 4) -> None:
+        super().__init__()
+        self.grid = int(grid)
+        features = in_channels * self.grid * self.grid
+        self.pool = nn.AdaptiveAvgPool2d(self.grid)
+        self.norm = nn.BatchNorm1d(features)
+        self.fc = nn.Linear(features, num_classes)
+
+    @property
+    def kind(self) -> str:
+        return f"avg{self.grid}x{self.grid}"
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: (N, C, H, W) -> pooled (N, C, g, g) -> (N, g*g*C) -> logits (N, num_classes)
+        return self.fc(self.norm(torch.flatten(self.pool(h), 1)))
+
+
+class Avg4x4Head(AvgGridHead):
+    """The paper's AVG4x4 head: :class:`AvgGridHead` on a 4x4 grid."""
 
     GRID = 4
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
-        super().__init__()
-        features = in_channels * self.GRID * self.GRID
-        self.pool = nn.AdaptiveAvgPool2d(self.GRID)
-        self.norm = nn.BatchNorm1d(features)
-        self.fc = nn.Linear(features, num_classes)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # h: (N, C, H, W) -> pooled (N, C, 4, 4) -> (N, 16*C) -> logits (N, num_classes)
-        return self.fc(self.norm(torch.flatten(self.pool(h), 1)))
+        super().__init__(in_channels, num_classes, self.GRID)
 
 
 class ConvHead(nn.Module):
@@ -142,4 +162,19 @@ def make_head(kind: str, in_channels: int, feature_hw: tuple[int, int], num_clas
         return AvgHead(in_channels, num_classes)
     if kind == "conv":
         return ConvHead(in_channels, feature_hw, num_classes)
-    return Avg4x4Head(in_channels, num_classes)
+    if kind == "avg4x4":
+        return Avg4x4Head(in_channels, num_classes)
+    return AvgGridHead(in_channels, num_classes, AVG_GRIDS[kind])
+
+
+def head_kind(head: nn.Module) -> str | None:
+    """The kind of an EP head module (None for a module that is not one, e.g. a backbone's own classifier)."""
+    if isinstance(head, ConvHead):
+        return "conv"
+    if isinstance(head, AvgGridHead):
+        return head.kind
+    if isinstance(head, AvgHead):
+        return "avg"
+    if isinstance(head, FCHead):
+        return "fc"
+    return None

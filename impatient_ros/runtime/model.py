@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from impatient_ros.runtime.backbones import build_backbone, known_backbone_names, list_backbones
-from impatient_ros.runtime.heads import HEAD_KINDS, make_head
+from impatient_ros.runtime.heads import HEAD_KINDS, head_kind, make_head
 
 __all__ = ["NetConfig", "ImpatientNet", "build_network", "list_backbones", "list_heads"]
 
@@ -47,6 +47,9 @@ class NetConfig:
     ``pretrained`` asks for the backbone's pretrained weights at build time;
     ``own_classifier_last`` makes the last exit the backbone's own pooling +
     classifier (re-sized to ``num_classes``) instead of an EP head.
+    ``exit_heads``, when given, is the head kind of every EP head in exit order
+    (one per stage, the own classifier excluded), overriding ``head``: the
+    impatient recipe chooses the pooling grid per exit on validation data.
     """
 
     backbone: str
@@ -56,10 +59,13 @@ class NetConfig:
     input_size: tuple[int, int] = (224, 224)
     pretrained: bool = False
     own_classifier_last: bool = False
+    exit_heads: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.input_size, (list, tuple)):
             self.input_size = tuple(self.input_size)  # lists come from JSON/YAML/checkpoints
+        if isinstance(self.exit_heads, list):
+            self.exit_heads = tuple(self.exit_heads)
         self.validate()
 
     def validate(self) -> None:
@@ -80,11 +86,21 @@ class NetConfig:
         for name in ("pretrained", "own_classifier_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.exit_heads is not None:
+            if not isinstance(self.exit_heads, tuple) or not self.exit_heads:
+                raise ValueError(f"exit_heads must be a non-empty list of head kinds, got {self.exit_heads!r}")
+            bad = [k for k in self.exit_heads if k not in HEAD_KINDS]
+            if bad:
+                raise ValueError(f"unknown head kind(s) {bad} in exit_heads; valid heads: {', '.join(HEAD_KINDS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-type dict (input_size as a list) for checkpoints and config files."""
         data = asdict(self)
         data["input_size"] = list(self.input_size)
+        if self.exit_heads is None:
+            del data["exit_heads"]  # a network with one head kind keeps the dict older readers know
+        else:
+            data["exit_heads"] = list(self.exit_heads)
         return data
 
     @classmethod
@@ -120,7 +136,12 @@ class ImpatientNet(nn.Module):
         self.blocks = nn.ModuleList(parts.stages)
         self._stage_shapes = self._dry_run(parts.channels)
         ep_shapes = self._stage_shapes[:-1] if config.own_classifier_last else self._stage_shapes
-        heads: list[nn.Module] = [make_head(config.head, c, (h, w), config.num_classes) for c, h, w in ep_shapes]
+        kinds = config.exit_heads or (config.head,) * len(ep_shapes)
+        if len(kinds) != len(ep_shapes):
+            raise ValueError(f"exit_heads names {len(kinds)} head kinds, but backbone {config.backbone!r} has "
+                             f"{len(ep_shapes)} EP heads")
+        heads: list[nn.Module] = [make_head(kind, c, (h, w), config.num_classes)
+                                  for kind, (c, h, w) in zip(kinds, ep_shapes)]
         if config.own_classifier_last:
             assert parts.own_classifier is not None
             heads.append(parts.own_classifier)  # the paper's last exit: the original output layer
@@ -156,6 +177,33 @@ class ImpatientNet(nn.Module):
     def num_stages(self) -> int:
         """Number of stages K (= number of exits)."""
         return len(self.blocks)
+
+    def head_kinds(self) -> list[str | None]:
+        """The kind of every exit's head (None for the backbone's own classifier)."""
+        return [head_kind(head) for head in self.heads]
+
+    def replace_head(self, k: int, kind: str) -> nn.Module:
+        """Give exit k a new, untrained EP head of ``kind`` (same device and dtype); return it.
+
+        The config's ``exit_heads`` records the change, so a checkpoint of the
+        network rebuilds with the new head.
+        """
+        self._check_stage(k)
+        kinds = self.head_kinds()
+        if kinds[k] is None:
+            raise ValueError(f"exit {k + 1} is the backbone's own classifier, not an EP head; it cannot be replaced")
+        c, h, w = self._stage_shapes[k]
+        old = self.heads[k]
+        ref = next(old.parameters(), None)
+        head = make_head(kind, c, (h, w), self.config.num_classes)
+        if ref is not None:
+            head = head.to(device=ref.device, dtype=ref.dtype)
+        head.train(old.training)
+        self.heads[k] = head
+        kinds[k] = kind
+        ep = tuple(kind for kind in kinds if kind is not None)
+        self.config = replace(self.config, exit_heads=None if len(set(ep)) == 1 and ep[0] == self.config.head else ep)
+        return head
 
     def stage_output_shapes(self) -> list[tuple[int, int, int]]:
         """(C, H, W) of each stage's output for config.input_size."""
