@@ -126,6 +126,66 @@ def test_refit_keeps_a_head_that_is_better_on_val() -> None:
     np.testing.assert_array_equal(_outs(net, val, features=False).logits, before)
 
 
+def test_refit_chooses_the_pooling_grid_on_val_and_equals_that_probe(tmp_path) -> None:
+    from training.baselines import select_probe
+    from training.features import collect_pooled
+    from training.probes import pooling_candidates
+
+    net = _net("avg4x4")  # 16x16 input: maps of 16, 8, 4 and 2 pixels a side
+    train, val = learnable_gray16(96, 3), learnable_gray16(40, 4)
+    assert [pooling_candidates(net, k) for k in range(4)] == [
+        ["avg", "avg2x2", "avg4x4", "avg7x7"], ["avg", "avg2x2", "avg4x4", "avg7x7"], ["avg", "avg2x2", "avg4x4"],
+        ["avg", "avg2x2", "avg4x4"]]  # a 4x4 grid on the 2x2 map stays a candidate: it is the head's own
+    Cs = (0.1, 1.0)
+    cands = {k: pooling_candidates(net, k) for k in range(4)}
+    tr, y_tr = collect_pooled(net, DataLoader(train, batch_size=64), cands)
+    va, y_va = collect_pooled(net, DataLoader(val, batch_size=64), cands)
+    expected = {}
+    for k in range(4):  # by hand: the best probe per pooling, the best pooling (own kind, then coarse, on ties)
+        fits = {p: select_probe(tr[(k, p)], y_tr, va[(k, p)], y_va, Cs, num_classes=4) for p in cands[k]}
+        order = sorted(cands[k], key=lambda p: (p != "avg4x4", {"avg": 1, "avg2x2": 2, "avg4x4": 4, "avg7x7": 7}[p]))
+        best = max(order, key=lambda p: max(fits[p][1].values()))
+        expected[k] = (best, fits[best][0])
+    report = refit_heads(net, train, val, Cs=Cs, choose_pooling=True)
+    assert all(report["refit"])  # untrained heads: every probe wins
+    assert report["pooling"] == [expected[k][0] for k in range(4)] == net.head_kinds()
+    assert report["pooling"] != ["avg4x4"] * 4  # the case is only a test if some grid changed
+    after = _outs(net, val, features=False)
+    for k in range(4):
+        pooling, probe = expected[k]
+        np.testing.assert_allclose(after.logits[k], probe.decision_function(va[(k, pooling)]), rtol=1e-3, atol=1e-3)
+    # The chosen heads are part of the network's description: a checkpoint rebuilds them.
+    assert net.config.exit_heads == tuple(report["pooling"])
+    path = save_checkpoint(tmp_path / "pooled.pt", net, class_names=CLASSES, preprocessing=GRAY)
+    loaded = load_checkpoint(path)
+    assert loaded.net.head_kinds() == report["pooling"]
+    np.testing.assert_allclose(_outs(loaded.net, val, features=False).logits, after.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_without_pooling_choice_the_heads_keep_their_kind() -> None:
+    net = _net("avg4x4")
+    train, val = learnable_gray16(96, 3), learnable_gray16(40, 4)
+    report = refit_heads(net, train, val, Cs=(1.0,))
+    assert report["pooling"] == ["avg4x4"] * 4 and net.config.exit_heads is None
+    assert all(set(s) == {"avg4x4"} for s in report["val_pooling_scores"])
+
+
+def test_a_network_with_chosen_grids_runs_in_the_engine_as_evaluated(tmp_path) -> None:
+    from impatient_ros.runtime.engine import StagedEngine
+
+    net = _net("avg4x4")
+    train, val = learnable_gray16(96, 3), learnable_gray16(40, 4)
+    refit_heads(net, train, val, Cs=(1.0,), choose_pooling=True)
+    path = save_checkpoint(tmp_path / "pooled.pt", net, class_names=CLASSES, preprocessing=GRAY)
+    engine = StagedEngine(load_checkpoint(path), "cpu")  # fused heads of every kind
+    x = val.tensors[0][:1]
+    report = engine.run_tensor(x)
+    with torch.no_grad():
+        eager = [torch.softmax(z, 1)[0].numpy() for z in net.eval()(x)]
+    for result, probs in zip(report.results, eager):
+        np.testing.assert_allclose(result.probs, probs, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- ensembles
 
 
@@ -291,8 +351,48 @@ def test_lp_ft_start_of_a_pretrained_network_is_orig(tmp_path) -> None:
     from training.baselines import DEFAULT_CS
 
     probes = fit_exit_probes(tr.features, tr.labels, va.features, va.labels, DEFAULT_CS, num_classes=10)
+    # The start chose each head's pooling on val (choose_pooling, the default): ORIG's probes on those poolings.
+    assert lines[0]["lp_start"]["pooling"] == orig.head_kinds() == load_checkpoint(tmp_path / "last.pt").net.head_kinds()
     assert lines[0]["lp_start"]["chosen_C"] == probes.chosen_C
     assert lines[0]["val_exit_accuracy"] == pytest.approx(probes.val_accuracy)
+    for k, scores in enumerate(lines[0]["lp_start"]["val_pooling_scores"]):
+        assert max(scores.values()) == pytest.approx(probes.val_accuracy[k])
+
+
+def test_lp_ft_start_with_new_heads_trains_them_and_resumes(tmp_path, monkeypatch) -> None:
+    from tests.conftest import FASHION_MNIST_DIR
+
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("needs Fashion-MNIST")
+    from impatient_ros.runtime.model import list_backbones
+
+    if "efficientnet_lite0" not in list_backbones():
+        pytest.skip("needs efficientnet_lite0")
+    from training import probes, trainer
+
+    # Which grid val prefers on a split this small is chance; the candidates are narrowed so that exit 1
+    # must take a 2x2 grid: what is tested is how the trainer adopts a changed head.
+    own = probes.pooling_candidates
+    monkeypatch.setattr(probes, "pooling_candidates", lambda net, k: ["avg2x2"] if k == 0 else own(net, k))
+    args = ("--backbone", "efficientnet_lite0", "--pretrained", "--data-dir", str(FASHION_MNIST_DIR), "--input-size",
+            "32", "--channels", "gray", "--train-per-class", "6", "--val-split", "3", "--test-per-class", "1",
+            "--epochs", "2", "--max-steps-per-epoch", "1", "--batch-size", "20", "--lr", "0.01", "--augmentation",
+            "none", "--device", "cpu")
+    cfg = _train_cfg(tmp_path / "a", *args)
+    ctx = trainer.DistContext()
+    run = trainer._setup(cfg, ctx)
+    kinds = run.net.head_kinds()
+    trainer._lp_start_epoch(run)
+    assert kinds[0] == "avg4x4" and run.net.head_kinds()[0] == "avg2x2"
+    # The optimiser steps exactly the network's parameters, the new heads' included.
+    stepped = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+    assert stepped == {id(p) for p in run.net.parameters() if p.requires_grad}
+    # Interrupted after epoch 1 and resumed: the saved run rebuilds the chosen heads.
+    trainer.train(_train_cfg(tmp_path / "b", *args), progress=False, stop_after=1)
+    result = trainer.train(_train_cfg(tmp_path / "b", *args), progress=False, resume=True)
+    assert result.epochs_done == 2
+    assert load_checkpoint(result.last).net.head_kinds()[0] == "avg2x2"
+    assert load_checkpoint(tmp_path / "b" / "best.pt").net.head_kinds()[0] == "avg2x2"
 
 
 def test_recipe_option_default_and_choices(tmp_path) -> None:

@@ -210,6 +210,9 @@ class TrainConfig:
     # (a seeded random subset; None = all). Probe fitting grows with images x feature size; on the full
     # Fashion-MNIST training set it costs minutes of CPU (bench/train_default.py).
     refit_train_per_class: int | None = None
+    # Impatient recipe: the LP-FT start and the head refit also choose each average-pooling head's grid
+    # (avg, avg2x2, avg4x4, avg7x7) on validation data, as they choose the probe's C (training.probes).
+    choose_pooling: bool = True
 
     # ------------------------------------------------------------------ dict round trip
     def to_dict(self) -> dict[str, Any]:
@@ -312,6 +315,8 @@ class TrainConfig:
         if self.refit_train_per_class is not None and (isinstance(self.refit_train_per_class, bool)
                                                        or self.refit_train_per_class < 1):
             raise ConfigError(f"refit_train_per_class must be None or >= 1, got {self.refit_train_per_class!r}")
+        if not isinstance(self.choose_pooling, bool):
+            raise ConfigError(f"choose_pooling must be true or false, got {self.choose_pooling!r}")
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
                                                            and self.device[5:].isdigit())):
             raise ConfigError(f"unknown device {self.device!r}; valid devices: auto, cpu, cuda, cuda:N")
@@ -555,6 +560,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "exit ensemble; every lever chosen on val) or paper (the published recipe)", metavar="NAME")
     opt(g, "--refit-train-per-class", None, "refit_train_per_class", "impatient recipe: fit the head-refit probes "
         "on at most N training images per class (seeded random subset; default: all)", type=int, metavar="N")
+    opt(g, "--choose-pooling", None, "choose_pooling", "impatient recipe: the LP-FT start and the head refit also "
+        "choose each average-pooling head's grid (avg, avg2x2, avg4x4, avg7x7) on val",
+        action=argparse.BooleanOptionalAction)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -5,6 +5,7 @@ EP layers help?") must see exactly what an EP head sees, so the features are
 pooled the way the head pools:
 
 * ``avg4x4`` -- average pooling into a 4x4 grid, flattened (16 * C values);
+  ``avg2x2`` and ``avg7x7`` alike on their grids;
 * ``avg``    -- global average pooling (C values);
 * ``fc``     -- the whole feature map, flattened (C * H * W values);
 * ``conv``   -- the conv head's own pooled features (``ConvHead.features``:
@@ -15,7 +16,7 @@ pooled the way the head pools:
   frozen-backbone baseline that should not see a head's convolution asks for
   ``avg4x4`` instead.
 
-By default the pooling follows the network's own head kind. The heads'
+By default the pooling follows each exit's own head kind. The heads'
 batch norm is not part of the features: the probes standardise their inputs
 themselves (``training.baselines``), which is the same affine freedom.
 """
@@ -29,12 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from impatient_ros.runtime.heads import HEAD_KINDS, ConvHead
+from impatient_ros.runtime.heads import AVG_GRIDS, HEAD_KINDS, ConvHead
 from impatient_ros.runtime.model import ImpatientNet
 
-__all__ = ["POOLINGS", "ExitOutputs", "pool_features", "collect_outputs"]
+__all__ = ["POOLINGS", "ExitOutputs", "pool_features", "collect_outputs", "collect_pooled"]
 
-POOLINGS: tuple[str, ...] = HEAD_KINDS  # ("fc", "avg", "avg4x4", "conv")
+POOLINGS: tuple[str, ...] = HEAD_KINDS  # ("fc", "avg", "avg2x2", "avg4x4", "avg7x7", "conv")
 
 
 def pool_features(h: torch.Tensor, pooling: str, head: torch.nn.Module | None = None) -> torch.Tensor:
@@ -50,10 +51,8 @@ def pool_features(h: torch.Tensor, pooling: str, head: torch.nn.Module | None = 
         if not isinstance(head, ConvHead):
             raise ValueError(f"conv pooling reads a ConvHead's own features, got head {type(head).__name__}")
         return head.features(h)  # (N, 16*width)
-    if pooling == "avg4x4":
-        return torch.flatten(F.adaptive_avg_pool2d(h, 4), 1)  # (N, 16*C)
-    if pooling == "avg":
-        return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)  # (N, C)
+    if pooling in AVG_GRIDS:
+        return torch.flatten(F.adaptive_avg_pool2d(h, AVG_GRIDS[pooling]), 1)  # (N, g*g*C); "avg": (N, C)
     return torch.flatten(h, 1)  # (N, C*H*W)
 
 
@@ -89,13 +88,14 @@ def collect_outputs(
 ) -> ExitOutputs:
     """Run ``net`` (eval mode) over ``batches`` of (images, labels) once; keep logits and optionally features.
 
-    ``pooling`` defaults to the network's head kind; ``exits`` (0-based)
-    restricts which exits' features are kept (all by default; logits are
+    ``pooling`` defaults to each exit's head kind (``config.head`` for the backbone's own classifier);
+    ``exits`` (0-based) restricts which exits' features are kept (all by default; logits are
     always kept for every exit). The network's train/eval mode is restored.
     """
     device = torch.device(device)
-    pooling = pooling or net.config.head
-    if features and pooling not in POOLINGS:
+    kinds = net.head_kinds()
+    per_exit = [pooling or kind or net.config.head for kind in kinds]
+    if features and any(p not in POOLINGS for p in per_exit):
         raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
     keep = set(range(net.num_stages)) if exits is None else {int(k) for k in exits}
     if not keep <= set(range(net.num_stages)):
@@ -112,7 +112,7 @@ def collect_outputs(
                 h = net.run_block(k, h)  # (B, C_k, H_k, W_k)
                 logits[k].append(net.run_head(k, h).float().cpu().numpy())
                 if features and k in keep:
-                    feats[k].append(pool_features(h, pooling, net.heads[k]).float().cpu().numpy())
+                    feats[k].append(pool_features(h, per_exit[k], net.heads[k]).float().cpu().numpy())
             labels.append(np.asarray(target, dtype=np.int64).reshape(-1))
     finally:
         net.train(was_training)
@@ -121,8 +121,49 @@ def collect_outputs(
     out = ExitOutputs(
         logits=np.stack([np.concatenate(z) for z in logits]),
         labels=np.concatenate(labels),
-        pooling=pooling if features else None,
+        pooling=(pooling or (per_exit[0] if len(set(per_exit)) == 1 else "per exit")) if features else None,
     )
     if features:
         out.features = [np.concatenate(f) if f else np.zeros((out.num_images, 0), np.float32) for f in feats]
     return out
+
+
+@torch.inference_mode()
+def collect_pooled(
+    net: ImpatientNet,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    poolings: dict[int, Sequence[str]],
+    *,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[tuple[int, str], np.ndarray], np.ndarray]:
+    """Several poolings of some exits' stage outputs in one pass: ({(exit, pooling): (N, D)}, labels (N,)).
+
+    ``poolings`` maps a 0-based exit to the poolings wanted there (the head
+    pooling choice of ``training.probes`` fits one probe per candidate grid).
+    The blocks run only as deep as the deepest exit asked for.
+    """
+    device = torch.device(device)
+    for k, names in poolings.items():
+        if not 0 <= k < net.num_stages:
+            raise ValueError(f"exits must lie in 0..{net.num_stages - 1}, got {k}")
+        bad = [p for p in names if p not in POOLINGS]
+        if bad:
+            raise ValueError(f"unknown pooling(s) {bad}; valid: {', '.join(POOLINGS)}")
+    deepest = max(poolings, default=-1)
+    was_training = net.training
+    net.eval()
+    feats: dict[tuple[int, str], list[np.ndarray]] = {(k, p): [] for k, names in poolings.items() for p in names}
+    labels: list[np.ndarray] = []
+    try:
+        for images, target in batches:
+            h = images.to(device, non_blocking=True)
+            for k in range(deepest + 1):
+                h = net.run_block(k, h)  # (B, C_k, H_k, W_k)
+                for p in poolings.get(k, ()):
+                    feats[(k, p)].append(pool_features(h, p, net.heads[k]).float().cpu().numpy())
+            labels.append(np.asarray(target, dtype=np.int64).reshape(-1))
+    finally:
+        net.train(was_training)
+    if not labels:
+        raise ValueError("the dataset yielded no batches; nothing to evaluate")
+    return {key: np.concatenate(parts) for key, parts in feats.items()}, np.concatenate(labels)

@@ -36,19 +36,20 @@ is validated as epoch 0 like any other, so val decides whether it is kept).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from impatient_ros.runtime.heads import ConvHead
+from impatient_ros.runtime.heads import AVG_GRIDS, ConvHead
 
-from .baselines import DEFAULT_CS, BaselineError, ExitProbes, LinearProbe, fit_exit_probes, is_probe_head
-from .features import collect_outputs
+from .baselines import DEFAULT_CS, BaselineError, LinearProbe, is_probe_head, select_probe
+from .features import collect_outputs, collect_pooled
 
-__all__ = ["head_statistics", "set_head_from_probe", "settle_conv_norms", "probe_exits", "fit_head_probes",
-           "linear_probe_start", "refit_heads"]
+__all__ = ["head_statistics", "set_head_from_probe", "settle_conv_norms", "probe_exits", "pooling_candidates",
+           "HeadProbes", "fit_head_probes", "linear_probe_start", "refit_heads"]
 
 
 def head_statistics(net: Any, k: int, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,62 +138,139 @@ def probe_exits(net: Any) -> list[int]:
     return [k for k, head in enumerate(net.heads) if is_probe_head(head)]
 
 
-def fit_head_probes(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
-                    device: str | torch.device = "cpu", batch_size: int = 256) -> tuple[ExitProbes, dict[str, Any]]:
-    """Probes on ``net``'s pooled features (C per exit on val) for the exits of :func:`probe_exits`.
+def pooling_candidates(net: Any, k: int) -> list[str]:
+    """The poolings exit k's head may take when its pooling is chosen on validation data.
 
-    The probes come in the order of ``outs["exits"]``; ``outs["train"]`` and
-    ``outs["val"]`` hold every exit's logits (the heads' own answers) and the
-    features of those exits.
+    An average-pooling head (``avg``, ``avg2x2``, ``avg4x4``, ``avg7x7``) may
+    become any of them whose grid fits the stage's feature map (a grid larger
+    than the map only repeats cells), its own kind always included; ``fc`` and
+    ``conv`` heads keep their kind.
+    """
+    kind = net.head_kinds()[k]
+    if kind not in AVG_GRIDS:
+        return [kind]
+    _, h, w = net.stage_output_shapes()[k]
+    return [p for p, grid in AVG_GRIDS.items() if p == kind or grid <= min(h, w)]
+
+
+@dataclass
+class HeadProbes:
+    """One val-tuned probe per probe exit: its pooling, its C and its validation accuracy.
+
+    ``val_scores[k][pooling]`` is the best validation accuracy over the C grid for that pooling.
+    """
+
+    exits: list[int]
+    probes: list[LinearProbe]
+    poolings: list[str]
+    val_accuracy: list[float]
+    val_scores: list[dict[str, float]]
+    train_features: list[np.ndarray]
+
+    @property
+    def chosen_C(self) -> list[float]:
+        return [p.C for p in self.probes]
+
+
+def fit_head_probes(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
+                    choose_pooling: bool = False, device: str | torch.device = "cpu",
+                    batch_size: int = 256) -> HeadProbes:
+    """Probes on ``net``'s pooled features for the exits of :func:`probe_exits`, C per exit on val.
+
+    With ``choose_pooling`` every exit also tries the poolings of
+    :func:`pooling_candidates` and keeps the one with the best validation
+    accuracy (ties: its head's own kind, else the coarser grid, which has fewer
+    weights); without it each exit pools as its head does.
     """
     exits = probe_exits(net)
     if not exits:
         raise BaselineError("the network has no EP head a probe can be written into")
-    tr = collect_outputs(net, _loader(train_set, batch_size), device=device, features=True, exits=exits)
-    va = collect_outputs(net, _loader(val_set, batch_size), device=device, features=True, exits=exits)
-    probes = fit_exit_probes([tr.features[k] for k in exits], tr.labels, [va.features[k] for k in exits], va.labels,
-                             Cs, num_classes=net.config.num_classes)
-    return probes, {"train": tr, "val": va, "exits": exits}
+    kinds = net.head_kinds()
+    poolings = {k: (pooling_candidates(net, k) if choose_pooling else [kinds[k]]) for k in exits}
+    tr, y_tr = collect_pooled(net, _loader(train_set, batch_size), poolings, device=device)
+    va, y_va = collect_pooled(net, _loader(val_set, batch_size), poolings, device=device)
+    num_classes = net.config.num_classes
+    out = HeadProbes(exits, [], [], [], [], [])
+    for k in exits:
+        # Own kind first, then coarse to fine: max() keeps the first of equal scores.
+        order = sorted(poolings[k], key=lambda p: (p != kinds[k], AVG_GRIDS.get(p, 0)))
+        fitted = {p: select_probe(tr[(k, p)], y_tr, va[(k, p)], y_va, Cs, num_classes=num_classes) for p in order}
+        scores = {p: max(val.values()) for p, (_, val) in fitted.items()}
+        best = max(order, key=lambda p: scores[p])
+        out.probes.append(fitted[best][0])
+        out.poolings.append(best)
+        out.val_accuracy.append(scores[best])
+        out.val_scores.append(scores)
+        out.train_features.append(tr[(k, best)])
+    return out
+
+
+def _install(net: Any, k: int, pooling: str, probe: LinearProbe, features: np.ndarray) -> None:
+    """Exit k's head becomes ``probe`` on ``pooling`` (a new head of that kind where it pools otherwise)."""
+    if net.head_kinds()[k] != pooling:
+        net.replace_head(k, pooling)
+    set_head_from_probe(net, k, probe, features)
 
 
 def linear_probe_start(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
-                       device: str | torch.device = "cpu", batch_size: int = 256) -> dict[str, Any]:
+                       choose_pooling: bool = False, device: str | torch.device = "cpu",
+                       batch_size: int = 256) -> dict[str, Any]:
     """LP-FT start: every EP head becomes the val-tuned probe on the (frozen) network's features.
 
-    Conv heads first get their convolution's batch-norm statistics from the training images (module note).
+    With ``choose_pooling`` each head also takes the pooling its probe chose on val. Conv heads first get their
+    convolution's batch-norm statistics from the training images (module note).
     """
     settle_conv_norms(net, train_set, device=device, batch_size=batch_size)
-    probes, outs = fit_head_probes(net, train_set, val_set, Cs=Cs, device=device, batch_size=batch_size)
-    va = outs["val"]
+    fitted = fit_head_probes(net, train_set, val_set, Cs=Cs, choose_pooling=choose_pooling, device=device,
+                             batch_size=batch_size)
     # An exit that keeps its head (the backbone's own classifier) starts at that head's val accuracy, C None.
     chosen: list[float | None] = [None] * net.num_stages
-    accuracy = (va.logits.argmax(axis=2) == va.labels[None, :]).mean(axis=1).tolist()
-    for k, probe, c, acc in zip(outs["exits"], probes.probes, probes.chosen_C, probes.val_accuracy):
-        set_head_from_probe(net, k, probe, outs["train"].features[k])
-        chosen[k], accuracy[k] = c, acc
-    return {"chosen_C": chosen, "val_accuracy": accuracy}
+    accuracy: list[float | None] = [None] * net.num_stages
+    pooling: list[str | None] = net.head_kinds()
+    for i, k in enumerate(fitted.exits):
+        _install(net, k, fitted.poolings[i], fitted.probes[i], fitted.train_features[i])
+        chosen[k], accuracy[k], pooling[k] = fitted.chosen_C[i], fitted.val_accuracy[i], fitted.poolings[i]
+    if any(a is None for a in accuracy):
+        va = collect_outputs(net, _loader(val_set, batch_size), device=device)
+        own = (va.logits.argmax(axis=2) == va.labels[None, :]).mean(axis=1)
+        accuracy = [float(own[k]) if a is None else a for k, a in enumerate(accuracy)]
+    return {"chosen_C": chosen, "val_accuracy": accuracy, "pooling": pooling,
+            "val_pooling_scores": _scores_by_exit(net, fitted)}
 
 
 def refit_heads(net: Any, train_set: Any, val_set: Any, *, Cs: Sequence[float] = DEFAULT_CS,
-                device: str | torch.device = "cpu", batch_size: int = 256) -> dict[str, Any]:
+                choose_pooling: bool = False, device: str | torch.device = "cpu",
+                batch_size: int = 256) -> dict[str, Any]:
     """Post-hoc refit: exit k's head becomes the val-tuned probe on the final features where that is better on val.
 
     Better means a strictly higher validation accuracy than the trained head;
-    otherwise the trained head stays. A conv head keeps its convolution: the
+    otherwise the trained head stays. With ``choose_pooling`` the probe may
+    pool on another grid than the head (:func:`pooling_candidates`); the head
+    then becomes one of that kind. A conv head keeps its convolution: the
     probe is fitted on, and replaces only the layer that reads, its pooled
     features (module note).
     """
-    probes, outs = fit_head_probes(net, train_set, val_set, Cs=Cs, device=device, batch_size=batch_size)
-    va = outs["val"]
+    va = collect_outputs(net, _loader(val_set, batch_size), device=device)
     head_acc = (va.logits.argmax(axis=2) == va.labels[None, :]).mean(axis=1)
+    fitted = fit_head_probes(net, train_set, val_set, Cs=Cs, choose_pooling=choose_pooling, device=device,
+                             batch_size=batch_size)
     # Exits without an EP head (the backbone's own classifier) are never refit: C and probe accuracy None.
     refit = [False] * net.num_stages
     chosen: list[float | None] = [None] * net.num_stages
     probe_acc: list[float | None] = [None] * net.num_stages
-    for k, probe, c, acc in zip(outs["exits"], probes.probes, probes.chosen_C, probes.val_accuracy):
-        chosen[k], probe_acc[k] = c, acc
-        if acc > head_acc[k]:
-            set_head_from_probe(net, k, probe, outs["train"].features[k])
+    for i, k in enumerate(fitted.exits):
+        chosen[k], probe_acc[k] = fitted.chosen_C[i], fitted.val_accuracy[i]
+        if probe_acc[k] > head_acc[k]:
+            _install(net, k, fitted.poolings[i], fitted.probes[i], fitted.train_features[i])
             refit[k] = True
     return {"refit": refit, "chosen_C": chosen, "val_probe_accuracy": probe_acc,
-            "val_head_accuracy": head_acc.tolist()}
+            "val_head_accuracy": head_acc.tolist(), "pooling": net.head_kinds(),
+            "val_pooling_scores": _scores_by_exit(net, fitted)}
+
+
+def _scores_by_exit(net: Any, fitted: HeadProbes) -> list[dict[str, float] | None]:
+    """Validation accuracy of every pooling tried, per exit (None where no probe was fitted)."""
+    scores: list[dict[str, float] | None] = [None] * net.num_stages
+    for i, k in enumerate(fitted.exits):
+        scores[k] = fitted.val_scores[i]
+    return scores

@@ -20,6 +20,11 @@ budget weights, the epoch best on validation is kept. Nothing else.
    val-tuned probe on the final features where that is strictly better on
    validation (``training.probes.refit_heads``); the probes see at most
    ``refit_train_per_class`` training images per class (all by default).
+   With ``choose_pooling`` (the default) the LP-FT start and the refit also
+   choose each average-pooling head's grid on validation, with the probe's C:
+   the paper's 4x4 grid suits 224x224 images, and on small inputs an early
+   exit's map keeps detail a finer grid reads (the head then becomes an
+   ``avg7x7`` one, say; ``NetConfig.exit_heads`` records it).
 4. Exit ensembles: per exit, weighted geometric mean of exits 1..k, weights
    fitted on validation and kept per exit only where validation accuracy
    does not drop (``training.ensemble``); stored as ``checkpoint["ensemble"]``.
@@ -94,10 +99,12 @@ def lp_start(run: Any) -> dict[str, Any] | None:
     if not uses_lp_start(run.cfg) or run.bundle.val is None:
         return None
     t0 = time.perf_counter()
-    info = linear_probe_start(run.net, _plain_train_set(run), run.bundle.val, Cs=DEFAULT_CS, device=run.device)
+    info = linear_probe_start(run.net, _plain_train_set(run), run.bundle.val, Cs=DEFAULT_CS,
+                              choose_pooling=bool(getattr(run.cfg, "choose_pooling", False)), device=run.device)
     info["seconds"] = time.perf_counter() - t0
-    log.info("LP-FT start: EP heads = val-tuned probes on the pretrained features (C %s, val acc %s) in %.1f s",
-             info["chosen_C"], "/".join(f"{100 * a:.1f}" for a in info["val_accuracy"]), info["seconds"])
+    log.info("LP-FT start: EP heads = val-tuned probes on the pretrained features (pooling %s, C %s, val acc %s) "
+             "in %.1f s", info["pooling"], info["chosen_C"], "/".join(f"{100 * a:.1f}" for a in info["val_accuracy"]),
+             info["seconds"])
     return info
 
 
@@ -120,8 +127,15 @@ def finalize(run: Any) -> dict[str, Any] | None:
     val = run.bundle.val
     refit_train = per_class_subset(_plain_train_set(run, loaded.preprocessing),
                                    getattr(run.cfg, "refit_train_per_class", None), run.cfg.seed)
-    refit = refit_heads(net, refit_train, val, Cs=DEFAULT_CS, device=run.device)
+    kinds_before = net.head_kinds()
+    refit = refit_heads(net, refit_train, val, Cs=DEFAULT_CS,
+                        choose_pooling=bool(getattr(run.cfg, "choose_pooling", False)), device=run.device)
     refit["train_images"] = len(refit_train)
+    exit_cost = loaded.exit_cost
+    if exit_cost is not None and net.head_kinds() != kinds_before:  # measured with the old heads
+        from .trainer import measure_exit_cost
+
+        exit_cost = measure_exit_cost(net, run.device, preprocessing=loaded.preprocessing)
     out = collect_outputs(net, DataLoader(val, batch_size=256, shuffle=False), device=run.device)
     spec, ens = fit_geometric_ensemble(out.logits, out.labels)
     val_acc = (out.logits.argmax(axis=2) == out.labels[None, :]).mean(axis=1)
@@ -134,15 +148,16 @@ def finalize(run: Any) -> dict[str, Any] | None:
               "seconds": time.perf_counter() - t0}
     extra = dict(loaded.meta.get("extra") or {})
     extra["recipe"] = {"name": "impatient", "refit": refit["refit"], "refit_C": refit["chosen_C"],
-                       "ensemble_kept": ens["kept"]}
+                       "ensemble_kept": ens["kept"], "pooling": refit["pooling"]}
     save_checkpoint(path, net.cpu(), class_names=loaded.class_names, preprocessing=loaded.preprocessing,
-                    budget=loaded.budget, exit_accuracy=val_acc.tolist(), exit_cost=loaded.exit_cost,
+                    budget=loaded.budget, exit_accuracy=val_acc.tolist(), exit_cost=exit_cost,
                     train_config=loaded.train_config, extra=extra,
                     ensemble=spec if any(ens["kept"]) else None)
     with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
-    log.info("finalize %s: heads refit %s, ensemble rows kept %s; val E[acc] %.2f plain, %.2f with the ensemble "
-             "(%.1f s)", path.name, refit["refit"], ens["kept"], 100 * record["val_expected_accuracy"],
+    log.info("finalize %s: heads refit %s (pooling %s), ensemble rows kept %s; val E[acc] %.2f plain, %.2f with "
+             "the ensemble (%.1f s)", path.name, refit["refit"], refit["pooling"], ens["kept"],
+             100 * record["val_expected_accuracy"],
              100 * record["val_ensemble_expected_accuracy"], record["seconds"])
     return record
 

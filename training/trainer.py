@@ -674,9 +674,39 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
                 sampler=sampler, val_loader=val_loader, test_loader=test_loader, exit_cost=exit_cost)
 
 
+def _adopt_heads(run: _Run, kinds: Sequence[str | None]) -> bool:
+    """Give the run's network the EP head ``kinds`` (the LP-FT start may choose other pooling grids); True if any changed."""
+    changed = [k for k, (old, new) in enumerate(zip(run.net.head_kinds(), kinds)) if old != new and new is not None]
+    for k in changed:
+        run.net.replace_head(k, kinds[k])
+    if changed:
+        _rebuild_optimisation(run)
+    return bool(changed)
+
+
+def _rebuild_optimisation(run: _Run) -> None:
+    """Optimiser, schedule and DDP wrapper built again around the network's current parameters.
+
+    After heads were replaced (new parameters): before the first step, or
+    before resume loads the saved states into them.
+    """
+    run.net.to(run.device)
+    if run.ctx.enabled:
+        run.model = nn.parallel.DistributedDataParallel(
+            run.net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    steps = len(run.train_loader)
+    if run.cfg.optim.max_steps_per_epoch is not None:
+        steps = min(steps, run.cfg.optim.max_steps_per_epoch)
+    run.optimizer = build_optimizer(run.net, run.cfg)
+    run.scheduler = build_scheduler(run.optimizer, run.cfg, steps)
+
+
 def _restore(run: _Run) -> int:
     """Load ``<out>/resume.pt`` into the run; return the number of epochs already done."""
     state = _load_resume(run.out / "resume.pt", run.cfg)
+    kinds = state.get("head_kinds")
+    if kinds is not None:  # the LP-FT start may have changed some heads' pooling before the run was saved
+        _adopt_heads(run, kinds)
     run.net.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -716,6 +746,7 @@ def _save_epoch(run: _Run, record: dict[str, Any], is_best: bool) -> None:
         "model": {k: v.detach().cpu() for k, v in run.net.state_dict().items()},
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(), "best_metric": run.best_metric, "best_epoch": run.best_epoch,
+        "head_kinds": run.net.head_kinds(),
         "exit_cost": run.exit_cost, "rng": rng_states, "config": run.cfg.to_dict(),
     }, out / "resume.pt")
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -766,8 +797,17 @@ def _final_test(run: _Run) -> dict[str, Any]:
 
 def _lp_start_epoch(run: _Run) -> None:
     """Impatient recipe, pretrained backbone: EP heads = val-tuned probes, validated and saved as "epoch 0"."""
+    kinds = run.net.head_kinds()
     if run.ctx.is_main:
-        info = recipe.lp_start(run)
+        info = recipe.lp_start(run)  # may give heads another pooling grid (choose_pooling)
+    # Every rank adopts rank 0's head kinds (new parameters: optimiser and DDP built again), then its weights.
+    chosen = all_gather_objects(run.net.head_kinds(), run.ctx)[0]
+    if not run.ctx.is_main:
+        _adopt_heads(run, chosen)
+    elif chosen != kinds:  # rank 0 holds the chosen heads already, with their probes
+        _rebuild_optimisation(run)
+        if run.exit_cost is not None:  # measured with the heads before
+            run.exit_cost = measure_exit_cost(run.net, run.device, preprocessing=run.bundle.preprocessing)
     if run.ctx.enabled:  # every rank starts from rank 0's heads
         for p in list(run.net.heads.parameters()) + list(run.net.heads.buffers()):
             torch.distributed.broadcast(p.data, 0)
