@@ -66,7 +66,8 @@ from impatient_ros.core.budget import scheme_weights  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import load_data  # noqa: E402
 from training.evaluate import budget_rows, measure_costs  # noqa: E402
-from training.features import collect_outputs  # noqa: E402
+from training.features import collect_outputs, collect_pooled  # noqa: E402
+from training.probes import fit_head_probes  # noqa: E402
 from training.metrics import (  # noqa: E402
     CRITERIA,
     ExitCosts,
@@ -137,6 +138,10 @@ class Regime:
     # and whether batch-norm statistics are re-estimated on the training images first (see recalibrate_bn).
     checkpoint: str = "best"
     recalibrate_bn: bool = False
+    # OURS (impatient recipe): the LP-FT start and the refit choose each head's pooling grid on val
+    # (TrainConfig.choose_pooling). With it the report adds FT and ORIG with the same choice as diagnostics
+    # (FT+pool+ens, ORIG+pool+ens): how much of OURS's lead the head grids alone give.
+    choose_pooling: bool = True
 
     def lrs(self, method: str) -> tuple[float, ...]:
         """Learning rates tried for "FT" or "OURS"."""
@@ -297,6 +302,7 @@ def train_config(regime: Regime, scheme: str, seed: int, distill: bool, out: Pat
     cfg.budget.scheme = scheme
     cfg.seed, cfg.device, cfg.out = seed, "cpu", str(out)
     cfg.distill, cfg.distill_weight, cfg.distill_temperature = distill, regime.distill_weight, regime.distill_temperature
+    cfg.choose_pooling = regime.choose_pooling
     for dotted, value in (overrides or {}).items():
         section, _, name = dotted.rpartition(".")
         setattr(getattr(cfg, section) if section else cfg, name, value)
@@ -487,6 +493,28 @@ def ensemble_record(val_logits: np.ndarray, val_labels: np.ndarray, test_logits:
     return exit_record(zv, val_labels, zt, test_labels, ensemble=None if fitted is None else fitted["weights"])
 
 
+def pooled_probes(net: Any, splits: dict[str, Any], clock: Clock, Cs: tuple[float, ...],
+                  own_last: np.ndarray | None = None) -> dict[str, Any]:
+    """A baseline's probes with OURS's pooling choice (grid and C per exit on val): val/test logits and choices.
+
+    ``own_last``: (val, test) logits of the network's own last exit where the baseline answers with it there.
+    """
+    t0 = time.perf_counter()
+    fitted = fit_head_probes(net, splits["train"], splits["val"], Cs=Cs, choose_pooling=True)
+    poolings = {k: [p] for k, p in zip(fitted.exits, fitted.poolings)}
+    logits = {}
+    for name in ("val", "test"):
+        feats, labels = collect_pooled(net, DataLoader(splits[name], batch_size=256, shuffle=False), poolings)
+        logits[name] = np.stack([probe.decision_function(feats[(k, p)])
+                                 for k, p, probe in zip(fitted.exits, fitted.poolings, fitted.probes)]).astype(np.float32)
+        logits[name + "_labels"] = labels
+    if own_last is not None:
+        logits["val"][-1], logits["test"][-1] = own_last
+    clock.add("probes", time.perf_counter() - t0)
+    return {"val_logits": logits["val"], "test_logits": logits["test"], "pooling": fitted.poolings,
+            "C": fitted.chosen_C}
+
+
 def expected(acc: list[float], scheme: str) -> float:
     """Expected accuracy of per-exit accuracies under an index scheme."""
     w = scheme_weights(scheme, len(acc))
@@ -524,6 +552,10 @@ def run_regime(regime: Regime, seeds: list[int], work: Path, clock: Clock, disti
                + [config(s_, seed, False, "impatient") if regime.pretrained
                   else paper_config(regime, s_, seed, False, work, lr_choice["IMP"][s_])
                   for seed in seeds for s_ in regime.schemes], clock)
+    if not regime.pretrained:  # OURS = the paper-recipe network + the post-hoc levers: all of them at once
+        finalize_many([(config(s_, seed, False, "impatient"),
+                        Path(paper_config(regime, s_, seed, False, work, lr_choice["IMP"][s_]).out) / "best.pt")
+                       for seed in seeds for s_ in regime.schemes], clock)
 
     for seed in seeds:
         res: dict[str, Any] = {"OURS": {}, "OURS+distill": {}, "OURS+refit": {}}
@@ -549,6 +581,12 @@ def run_regime(regime: Regime, seeds: list[int], work: Path, clock: Clock, disti
         ft["last_exit"] = "own head" if use_own else "probe"
         res["STD"], res["FT"] = own, ft
         res["FT+ens"] = ensemble_record(ft_val, yv, ft_test, yt)
+        if regime.choose_pooling:
+            say(f"seed {seed}: FT with OURS's pooling choice (diagnostic)")
+            pp = pooled_probes(std.net, splits, clock, regime.probe_Cs,
+                               (outs["val"].logits[-1], outs["test"].logits[-1]) if use_own else None)
+            res["FT+pool+ens"] = ensemble_record(pp["val_logits"], yv, pp["test_logits"], yt)
+            res["FT+pool+ens"]["pooling"] = pp["pooling"]
         if costs is None:
             say("measuring stage costs on this CPU (staged engine calibration, batch 1)")
             t0 = time.perf_counter()
@@ -565,6 +603,11 @@ def run_regime(regime: Regime, seeds: list[int], work: Path, clock: Clock, disti
             o_probes = fit_probes(o_outs, num_classes, clock, regime.probe_Cs)
             res["ORIG"] = exit_record(o_probes["val_logits"], yv, o_probes["test_logits"], yt, C=o_probes["C"])
             res["ORIG+ens"] = ensemble_record(o_probes["val_logits"], yv, o_probes["test_logits"], yt)
+            if regime.choose_pooling:
+                say(f"seed {seed}: ORIG with OURS's pooling choice (diagnostic)")
+                pp = pooled_probes(orig_net, splits, clock, regime.probe_Cs)
+                res["ORIG+pool+ens"] = ensemble_record(pp["val_logits"], yv, pp["test_logits"], yt)
+                res["ORIG+pool+ens"]["pooling"] = pp["pooling"]
             del o_outs, orig_net
 
         # PAPER: jointly trained with each scheme's weights (and with self-distillation), the published recipe.
@@ -605,10 +648,12 @@ def run_regime(regime: Regime, seeds: list[int], work: Path, clock: Clock, disti
             res["OURS"][scheme] = ensemble_record(o_fi["val"].logits, yv, o_fi["test"].logits, yt,
                                                   spec=final.ensemble, fit=False)
             res["OURS levers"][scheme] = {"epoch": (trained.meta.get("extra") or {}).get("epoch"),
-                                          **((final.meta.get("extra") or {}).get("recipe") or {})}
-            if costs_ours is None and final.config.head != regime.head:
-                # OURS chose other heads than the baselines' (a candidate on val): their cost is OURS's own.
-                say(f"measuring OURS's stage costs ({final.config.head} heads) on this CPU")
+                                          **((final.meta.get("extra") or {}).get("recipe") or {}),
+                                          "heads": final.net.head_kinds()}
+            if costs_ours is None and final.net.head_kinds() != [regime.head] * final.net.num_stages:
+                # OURS chose other heads than the baselines' (a candidate or the pooling grids, on val): their
+                # cost is OURS's own (measured once, on the first such network).
+                say(f"measuring OURS's stage costs ({'/'.join(map(str, final.net.head_kinds()))} heads) on this CPU")
                 t0 = time.perf_counter()
                 costs_ours = measure_costs(load_checkpoint(best), "cpu", regime.timing_iterations)
                 clock.add("timing", time.perf_counter() - t0)
@@ -764,25 +809,57 @@ def finalized_copy(cfg: TrainConfig, paper_best: Callable[[], Path], clock: Cloc
     paper-recipe run's best.pt (training it if need be) and is only called when ``cfg.out`` holds no
     finished identical copy. The copy gets its own finished.json, so a later invocation reuses it.
     """
+    out = Path(cfg.out)
+    if _finished(cfg) is not None and (out / "best_trained.pt").is_file():
+        return out / "best.pt"
+    t0 = time.perf_counter()
+    _finalize_copy_of(cfg, paper_best(), torch.get_num_threads())
+    clock.add("probes", time.perf_counter() - t0)
+    return out / "best.pt"
+
+
+def _finalize_copy_of(cfg: TrainConfig, source: Path, threads: int) -> float:
+    """Copy the paper-recipe run's best.pt into cfg.out and run the post-hoc levers on it (this or a worker process)."""
     import shutil
 
     from training.recipe import finalize_run_dir
 
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
     out = Path(cfg.out)
-    if _finished(cfg) is not None and (out / "best_trained.pt").is_file():
-        return out / "best.pt"
-    source = paper_best()
     out.mkdir(parents=True, exist_ok=True)
     for name in ("best.pt", "best.pt.sha256"):
         if (source.parent / name).is_file():
             shutil.copyfile(source.parent / name, out / name)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    t0 = time.perf_counter()
     finalize_run_dir(out, cfg)
-    clock.add("probes", time.perf_counter() - t0)
     (out / "finished.json").write_text(json.dumps({"config": json.dumps(cfg.to_dict(), sort_keys=True),
                                                    "seconds": 0.0, "from": str(source)}))
-    return out / "best.pt"
+    return time.perf_counter() - t0
+
+
+def finalize_many(pairs: list[tuple[TrainConfig, Path]], clock: Clock) -> None:
+    """:func:`finalized_copy` of every (impatient config, finished paper-recipe best.pt) not done yet, ``clock.jobs``
+    at a time in worker processes (one torch thread each): the refit's probes of one network take a minute
+    here, and the networks do not depend on each other."""
+    todo = [(cfg, src) for cfg, src in pairs
+            if not (_finished(cfg) is not None and (Path(cfg.out) / "best_trained.pt").is_file())]
+    if not todo:
+        return
+    if clock.jobs <= 1 or len(todo) == 1:
+        for cfg, src in todo:
+            finalized_copy(cfg, lambda src=src: src, clock)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    say(f"refit and ensemble of {len(todo)} networks, {clock.jobs} at a time")
+    t0 = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(max_workers=clock.jobs,
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        for fut in concurrent.futures.as_completed([pool.submit(_finalize_copy_of, cfg, src, 1) for cfg, src in todo]):
+            fut.result()  # a failure stops the benchmark with its traceback
+    clock.add("probes", time.perf_counter() - t0)
 
 
 def cascade_analysis(by_seed: dict[int, Any], costs: ExitCosts) -> dict[str, Any]:
@@ -835,6 +912,8 @@ def _mean(values: list[float]) -> float:
 
 
 BASELINES = ("ORIG", "ORIG+ens", "FT", "FT+ens")
+# Diagnostics, not baselines of the targets: the baselines with OURS's pooling-grid choice (Regime.choose_pooling).
+POOLED = ("ORIG+pool+ens", "FT+pool+ens")
 # Columns of the joint-training networks: the published recipe, then OURS lever by lever (--recipe impatient).
 JOINT = ("PAPER", "PAPER+distill", "OURS trained", "OURS+refit", "OURS")
 
@@ -843,19 +922,23 @@ def table1(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Paper Table 1 replica for one regime: expected accuracy per scheme and method (mean ± std over seeds).
 
     Baselines: ORIG / FT (probes per exit) and the same with an exit ensemble fitted on val (+ens). Gains:
-    against the best of all baselines of the same seed ("gain") and of the plain ones ("gain_plain").
+    against the best of all baselines of the same seed ("gain") and of the plain ones ("gain_plain"); where the
+    regime has them, also against the best of those and the diagnostics with OURS's pooling choice
+    ("gain_pooled": what OURS adds beyond its head grids).
     """
     regime, seeds, per_seed, costs = result["regime"], result["seeds"], result["per_seed"], result["costs"]
     own = result.get("costs_ours")  # OURS's heads differ from the baselines': its own t_B / t_A columns
     first = per_seed[seeds[0]]
     methods = [m for m in BASELINES if m in first]
+    pooled = [m for m in POOLED if m in first]
     plain = [m for m in ("ORIG", "FT") if m in first]
     summary: dict[str, Any] = {}
     rows = []
     joint = [k for k in JOINT if any(scheme in first.get(k, {}) for scheme in regime["schemes"])]
     wins = {k: 0 for k in joint}
     for scheme in regime["schemes"]:
-        col: dict[str, list[float]] = {m: [expected(per_seed[s][m]["test"], scheme) for s in seeds] for m in methods}
+        col: dict[str, list[float]] = {m: [expected(per_seed[s][m]["test"], scheme) for s in seeds]
+                                       for m in methods + pooled}
         for k in joint:
             if scheme in first[k]:
                 col[k] = [expected(per_seed[s][k][scheme]["test"], scheme) for s in seeds]
@@ -864,10 +947,13 @@ def table1(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         plain_per_seed = [max(col[m][i] for m in plain) for i in range(len(seeds))]
         gain = {k: [a - b for a, b in zip(col[k], base_per_seed)] for k in joint if k in col}
         gain_plain = {k: [a - b for a, b in zip(col[k], plain_per_seed)] for k in joint if k in col}
+        all_per_seed = [max(col[m][i] for m in methods + pooled) for i in range(len(seeds))]
+        gain_pooled = {k: [a - b for a, b in zip(col[k], all_per_seed)] for k in joint if k in col} if pooled else {}
         for k in gain:
             wins[k] += int(_mean(col[k]) > _mean(base_per_seed))
         w = scheme_weights(scheme, costs.num_exits)
         summary[scheme] = {"columns": col, "best_baseline": best_base, "gain": gain, "gain_plain": gain_plain,
+                           "gain_pooled": gain_pooled,
                            "t_B_ms": expected_time(w, costs.apriori_ms), "t_A_ms": expected_time(w, costs.anytime_ms)}
         times = [f"{summary[scheme]['t_B_ms']:.3f}", f"{summary[scheme]['t_A_ms']:.3f}"]
         if own is not None:
@@ -875,14 +961,18 @@ def table1(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             summary[scheme]["t_A_ms_ours"] = expected_time(w, own.anytime_ms)
             times += [f"{summary[scheme]['t_B_ms_ours']:.3f}", f"{summary[scheme]['t_A_ms_ours']:.3f}"]
         rows.append([scheme] + [_ms(col[m]) for m in methods] + [_ms(col[k]) if k in col else "-" for k in joint]
-                    + [f"{100 * _mean(gain['OURS']):+.2f}", f"{100 * _mean(gain_plain['OURS']):+.2f}",
-                       f"{100 * _mean(gain['PAPER']):+.2f}"] + times)
-    headers = (["scheme"] + methods + joint + ["Δ OURS", "Δ OURS (plain baselines)", "Δ PAPER", "t_B ms", "t_A ms"]
-               + (["t_B ms OURS", "t_A ms OURS"] if own is not None else []))
+                    + [f"{100 * _mean(gain['OURS']):+.2f}", f"{100 * _mean(gain_plain['OURS']):+.2f}"]
+                    + ([_ms(col[m]) for m in pooled] + [f"{100 * _mean(gain_pooled['OURS']):+.2f}"] if pooled else [])
+                    + [f"{100 * _mean(gain['PAPER']):+.2f}"] + times)
+    headers = (["scheme"] + methods + joint + ["Δ OURS", "Δ OURS (plain baselines)"]
+               + (pooled + ["Δ OURS (baselines with OURS's pooling too)"] if pooled else [])
+               + ["Δ PAPER", "t_B ms", "t_A ms"] + (["t_B ms OURS", "t_A ms OURS"] if own is not None else []))
     summary["wins"] = wins
     contested = [s for s in ("ILIN", "IPOLY") if s in regime["schemes"]]
     summary["contested_gain"] = {k: _mean([_mean(summary[s]["gain"][k]) for s in contested if k in summary[s]["gain"]])
                                  for k in joint}
+    if pooled:
+        summary["contested_gain_pooled"] = _mean([_mean(summary[s]["gain_pooled"]["OURS"]) for s in contested])
     return markdown_table(headers, rows), summary
 
 
@@ -932,7 +1022,7 @@ def per_exit_table(result: dict[str, Any]) -> str:
         accs = np.array([get(per_seed[s]) for s in seeds])
         rows.append([name] + [pct(v) for v in accs.mean(axis=0)])
 
-    for m in BASELINES:
+    for m in BASELINES + POOLED:
         if m in first:
             row(m + (f" (probes; last: {first['FT']['last_exit']})" if m == "FT" else ""), lambda r, m=m: r[m]["test"])
     row("STD own heads", lambda r: r["STD"]["test"])
@@ -950,9 +1040,10 @@ def levers_table(result: dict[str, Any]) -> str:
         for scheme, info in result["per_seed"][s].get("OURS levers", {}).items():
             rows.append([s, scheme, info.get("epoch"), "".join("R" if r else "." for r in info.get("refit", [])),
                          "".join("E" if e else "." for e in info.get("ensemble_kept", [])),
-                         " ".join(f"{c:g}" for c in info.get("refit_C", []))])
+                         " ".join(f"{c:g}" if c is not None else "-" for c in info.get("refit_C", [])),
+                         " ".join(str(h) for h in info.get("heads", []))])
     return markdown_table(["seed", "scheme", "epoch chosen (0 = LP-FT start)", "heads refit (R)",
-                           "ensemble rows kept (E)", "refit probe C"], rows) if rows else ""
+                           "ensemble rows kept (E)", "refit probe C", "heads (pooling per exit)"], rows) if rows else ""
 
 
 def table2(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -1161,7 +1252,7 @@ def impatient_lr_text(chosen: dict[str, float] | float, scores: dict[str, dict[f
 def verdict_lines(name: str, s1: dict[str, Any], cv: dict[str, Any]) -> list[str]:
     """The issue's targets, met or not, for one regime (issue 12: lite0 OURS >= best baseline + 1 point on every
     scheme; smallcnn OURS beats the best baseline on every scheme, mean gain on ILIN/IPOLY >= +2)."""
-    schemes = [k for k in s1 if k not in ("wins", "contested_gain", "lr")]
+    schemes = [k for k in s1 if k not in ("wins", "contested_gain", "contested_gain_pooled", "lr")]
     n = len(schemes)
     lines = [f"### Targets ({name})", "", "Best baseline: the best of " + ", ".join(
         sorted({m for s in schemes for m in s1[s]["columns"] if m in BASELINES})) + " on the same seed."]
@@ -1173,6 +1264,10 @@ def verdict_lines(name: str, s1: dict[str, Any], cv: dict[str, Any]) -> list[str
         per = ", ".join(f"{s} {100 * _mean(s1[s]['gain'][k]):+.2f}" for s in schemes)
         lines.append(f"- {k}: beats the best baseline on {wins} of {n} schemes ({per}); mean gain on ILIN/IPOLY "
                      + (f"{100 * g:+.2f} points" if math.isfinite(g) else "n/a (neither scheme in this run)"))
+    if "OURS" in s1["wins"] and any(s1[s].get("gain_pooled") for s in schemes):
+        per = ", ".join(f"{s} {100 * _mean(s1[s]['gain_pooled']['OURS']):+.2f}" for s in schemes)
+        lines.append(f"- diagnostic: OURS against the best of the baselines and of the same baselines given OURS's "
+                     f"pooling-grid choice ({', '.join(POOLED)}): {per} (what OURS adds beyond its heads' grids)")
     if "OURS" in s1["wins"]:
         gains = [_mean(s1[s]["gain"]["OURS"]) for s in schemes]
         if name.startswith("lite0"):
@@ -1215,8 +1310,8 @@ def analysis_lines(results: dict[str, Any]) -> list[str]:
             if scheme not in first.get("OURS", {}):
                 continue
             parts = []
-            for k in BASELINES + JOINT + ("PAPER+probes",):
-                if k in BASELINES and k in first:
+            for k in BASELINES + POOLED + JOINT + ("PAPER+probes",):
+                if k in BASELINES + POOLED and k in first:
                     parts.append(f"{k} {100 * _mean([expected(per_seed[s][k]['test'], scheme) for s in seeds]):.2f}")
                 elif scheme in first.get(k, {}):
                     parts.append(f"{k} {100 * _mean([expected(per_seed[s][k][scheme]['test'], scheme) for s in seeds]):.2f}")
