@@ -508,7 +508,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["meta"] = {
         "checkpoint": str(args.checkpoint),
         "backbone": loaded.config.backbone,
-        "head": loaded.config.head,
+        "head": loaded.config.head if loaded.config.exit_heads is None else "/".join(loaded.config.exit_heads),
         "trained_budget": loaded.budget,
         "class_names": class_names,
         "data": data_info,
