@@ -310,6 +310,10 @@ def summarise(obs: Observations, setup: dict[str, Any], args: argparse.Namespace
                    "max_mib": max((s["rss_mib"] for s in obs.samples), default=None),
                    "growth": growth, "threads_start": start.get("threads"), "threads_end": end.get("threads"),
                    "start_at_s": start.get("t"), "end_at_s": end.get("t")},
+        # How old the camera's stamps were when the node's callback ran: time the node's count
+        # (reference_time arrival) does not charge to the budget.
+        "image_stamp_age_ms": {k: float(v) for k, v in diag.items() if k.startswith("image_stamp_age_")
+                               and v != "n/a"},
         "latency_ms": {k: float(v) for k, v in diag.items() if k.startswith("stage_") and "latency" in k
                        and v != "n/a"},
         "errors": errors,
@@ -353,6 +357,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"({fmt(m['max_mib'])}), at {m['start_at_s']} s and {m['end_at_s']} s |",
         f"| memory growth | {fmt(None if m['growth'] is None else 100 * m['growth'], '.2f')} % |",
         f"| threads start -> end | {m['threads_start']} -> {m['threads_end']} |",
+        f"| image stamps' age at the node's callback, ms: p50 / p99 (last 256) | "
+        f"{' / '.join(f'{v:.2f}' for _, v in sorted(age.items())) if (age := result.get('image_stamp_age_ms')) else 'n/a'} |",
         f"| errors | {len(result['errors'])} |",
         "",
         "Checks: " + ", ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in result["checks"].items())

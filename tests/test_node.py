@@ -136,6 +136,8 @@ def test_stats_and_report_count_what_the_node_did() -> None:
     stats.frame_rejected("truncated")
     for stage, latency in ((1, 0.002), (2, 0.004), (1, 0.003)):
         stats.stage_published(stage, latency)
+    for age in [0.001] * 98 + [0.004, 0.5]:  # one straggler in a hundred stamped images
+        stats.stamp_age(age)
     stats.frame_processed(4, deadline=10.0, final_published_at=9.5)        # hit
     stats.frame_processed(1, deadline=10.0, final_published_at=10.25)      # late
     stats.frame_processed(6, deadline=10.0, final_published_at=None)       # NO_TIME: a miss
@@ -156,6 +158,7 @@ def test_stats_and_report_count_what_the_node_did() -> None:
     assert values["budget_ms"] == "20.000" and values["budget_source"] == "topic"
     assert values["input_rejected_budget_nan"] == "2" and values["stop_no_time"] == "1"
     assert values["stage_3_published"] == "0" and values["stage_3_latency_p50_ms"] == "n/a"
+    assert values["image_stamp_age_p50_ms"] == "1.000" and 4.0 <= float(values["image_stamp_age_p99_ms"]) <= 500.0
     assert len(report.values) == len(values), "keys must be unique"
 
     # Nothing new since the last report and every deadline hit: OK.
@@ -163,6 +166,7 @@ def test_stats_and_report_count_what_the_node_did() -> None:
     calm.frame_processed(4, deadline=1.0, final_published_at=0.5)
     first = calm.snapshot()
     assert build_report(first, first).level == OK
+    assert dict(build_report(first, first).values)["image_stamp_age_p99_ms"] == "n/a"  # no stamped image yet
     assert build_report(first, first, active=False).level == WARN
 
 

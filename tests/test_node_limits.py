@@ -7,6 +7,7 @@ could not use, a header that made every output huge, image stamps that silenced 
   never copied into an output.
 * With ``reference_time: stamp`` a stamp older than ``max_stamp_age_s`` or in the future falls back to the
   arrival time and is counted; a plausible old stamp is honoured and its age counts against the budget.
+  Whatever ``reference_time`` is, the diagnostics report the stamps' age at arrival (p50, p99).
 * SIGTERM while the node is being built (a launch stopped right after it started) ends it quietly, status 0.
 
 One node process serves the module (a random-weight smallcnn at 64x64; the image subscription is reliable,
@@ -215,6 +216,22 @@ def test_implausible_stamps_fall_back_to_arrival_and_plausible_ones_count_their_
     assert delta("frames_no_time", before, middle) == 0
     assert delta("reference_fallback_stamp_too_old", middle, after) == 1
     assert delta("frames_no_time", middle, after) == 1
+
+
+def test_diagnostics_report_how_old_image_stamps_are_at_arrival(node) -> None:
+    # With reference_time arrival (the default) the age does not count against the budget; the
+    # diagnostics still say how much time the camera, the transport and the executor took.
+    probe, _, _ = node
+    assert probe.get_parameters("reference_time")["reference_time"] == "arrival"
+    received = probe.counter("frames_received", probe.fresh_diagnostics())
+    for i in range(300):
+        probe.send_image(_image(i % 10), stamp=stamp_now(-0.3))
+        time.sleep(0.005)
+    wait_for(lambda: probe.counter("frames_received", probe.fresh_diagnostics()) - received >= 256, 60,
+             "256 of the 300 images received")
+    diag = probe.fresh_diagnostics()
+    p50, p99 = float(diag["image_stamp_age_p50_ms"]), float(diag["image_stamp_age_p99_ms"])
+    assert 300.0 <= p50 <= p99 < 1300.0, (p50, p99)
 
 
 # A stand-in for ``ros2 launch`` stopped right after it started the node: the process receives SIGTERM

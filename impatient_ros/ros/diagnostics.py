@@ -18,6 +18,11 @@ Definitions:
 * Latency quantiles are per stage, from the image's reference time to the
   publication of that stage's message, over the last :data:`LATENCY_WINDOW`
   messages of the stage.
+* Stamp age: how old an image's header stamp was on the node's ROS clock when
+  its callback ran (the camera's own delay, transport, and the wait for the
+  executor; plus any offset between the two clocks), over the last
+  :data:`LATENCY_WINDOW` images with a stamp set, whatever ``reference_time``
+  is. With ``reference_time: arrival`` none of it counts against the budget.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class StatsSnapshot:
     final_announcements_repaired: int
     stage_published: dict[int, int]
     stage_latency_ms: dict[int, tuple[float, float, float]]  # stage -> (p50, p90, p99)
+    stamp_age_ms: tuple[float, float] | None = None  # (p50, p99) of the recent stamped images' age at arrival
 
     @property
     def rejected_total(self) -> int:
@@ -113,6 +119,7 @@ class NodeStats:
             self._repaired = 0
             self._stage_published: Counter[int] = Counter()
             self._latency: dict[int, deque[float]] = {}
+            self._stamp_age: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     # ------------------------------------------------------------------ updates
     def frame_received(self) -> None:
@@ -131,6 +138,11 @@ class NodeStats:
             self._rejected[reason] += 1
             if reason == "engine_error":
                 self._engine_errors += 1
+
+    def stamp_age(self, age_s: float) -> None:
+        """An image arrived whose header stamp was ``age_s`` old on the node's ROS clock (negative: ahead)."""
+        with self._lock:
+            self._stamp_age.append(age_s)
 
     def reference_fallback(self, reason: str) -> None:
         """The stamp could not serve as reference time (``budget_policy.REFERENCE_FALLBACKS``)."""
@@ -174,6 +186,7 @@ class NodeStats:
         """Copy the counters and compute the latency quantiles."""
         with self._lock:
             latency = {stage: list(window) for stage, window in self._latency.items()}
+            stamp_ages = list(self._stamp_age)
             recent = list(self._recent)
             snap = dict(
                 received=self._received, processed=self._processed, dropped=self._dropped,
@@ -193,6 +206,7 @@ class NodeStats:
             recent_deadline_frames=len(recent),
             max_recent_overrun_s=max((overrun for _, overrun in recent), default=0.0),
             stage_latency_ms=latency_ms,
+            stamp_age_ms=tuple(1e3 * v for v in quantiles(stamp_ages, (0.5, 0.99))) if stamp_ages else None,
         )
 
 
@@ -252,6 +266,8 @@ def build_report(
     values += [(f"stop_{name}", str(count)) for name, count in sorted(snap.stops.items())]
     values += [(f"reference_fallback_{r}", str(c)) for r, c in sorted(snap.reference_fallbacks.items())]
     values.append(("final_announcements_repaired", str(snap.final_announcements_repaired)))
+    age = snap.stamp_age_ms or (None, None)
+    values += [("image_stamp_age_p50_ms", _fmt(age[0])), ("image_stamp_age_p99_ms", _fmt(age[1]))]
     stages = sorted(set(range(1, num_stages + 1)) | set(snap.stage_published) | set(snap.stage_latency_ms))
     for stage in stages:
         values.append((f"stage_{stage}_published", str(snap.stage_published.get(stage, 0))))

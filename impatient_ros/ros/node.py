@@ -572,6 +572,9 @@ class ImpatientNode(LifecycleNode):
                     f"image rejected ({problem}): header.frame_id has {len(msg.header.frame_id)} characters, "
                     f"at most {MAX_FRAME_ID_BYTES} bytes are copied into the outputs")
             return
+        stamp_s = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+        if stamp_s > 0.0:  # unset stamps (0) say nothing about the delay
+            camera.stats.stamp_age(ros_now_s - stamp_s)
         if camera.mailbox.put(_Frame(msg, arrival, ros_now_s)):
             camera.stats.frame_dropped()
         self._wake.set()
