@@ -67,7 +67,10 @@ node's ROS clock and the monotonic clock together at arrival; with
 ``reference_time: stamp`` the header stamp is shifted by their difference onto
 the monotonic clock, so the image's age at arrival counts against its budget;
 a stamp older than ``max_stamp_age_s`` or in the future is not trusted (the
-arrival time is used, counted as ``reference_fallback_*``). The budget is
+arrival time is used, counted as ``reference_fallback_*``). "Arrival" is when
+the image callback runs, after the transport and the executor: whatever the
+mode, /diagnostics reports how old the stamps were then (``image_stamp_age_*``),
+the time that ``arrival`` does not charge to the budget. The budget is
 looked up when inference of the image starts, so a new Budget message applies
 to the next image processed.
 
