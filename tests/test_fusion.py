@@ -47,6 +47,18 @@ def test_fused_avg4x4_picks_the_cheaper_form(shape, how):
     assert how in fuse_head(head, shape).kind
 
 
+@pytest.mark.parametrize("shape, how", [((32, 16, 16), "dense"), ((128, 8, 8), "dense"), ((16, 32, 32), "pooled")])
+def test_fused_avg7x7_goes_dense_where_its_uneven_pool_is_slower(shape, how):
+    # 7x7 windows on 16x16 or 8x8 overlap: past DENSE_MAX_ENTRIES the dense product still wins there,
+    # but not on a 32x32 map, where it has 10,240 cells x classes per channel to multiply.
+    head = _trained_like(make_head("avg7x7", shape[0], shape[1:], 10), shape)
+    fused = fuse_head(head, shape)
+    assert how in fused.kind
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), head(x), rtol=1e-5, atol=1e-5)
+
+
 def test_fuse_head_refuses_a_training_mode_head():
     head = make_head("avg", 4, (3, 3), 10)  # modules start in training mode
     with pytest.raises(ValueError, match="evaluation mode"):

@@ -56,6 +56,12 @@ from .heads import AvgGridHead, AvgHead, ConvHead, FCHead
 # (smallcnn_tiny 64x8x8 -> 10 classes: 18 us fused vs 24 us pool + linear;
 # 32x16x16: 26 us vs 20 us).
 DENSE_MAX_ENTRIES = 65_536
+# A grid that does not divide the map (7x7 on 16x16 or 8x8) makes adaptive pooling use
+# overlapping, unequal windows: a slower kernel whose time grows with the channels, as the
+# dense product's does. So there the choice does not depend on the channels: the dense
+# form is faster while map cells x classes stays below this (bench/results/
+# engine_cpu_default_model_ab.md: the embedded model's 32x16x16 -> 7x7 exit).
+UNEVEN_DENSE_MAX_CELLS_X_CLASSES = 3_200
 
 
 class FusedHead(nn.Module):
@@ -127,7 +133,9 @@ def _fused_avg(norm: nn.modules.batchnorm._BatchNorm, fc: nn.Linear, grid: int, 
     name = "avg" if grid == 1 else f"avg{grid}x{grid}"
     if (hh, ww) == (grid, grid):  # pooling is the identity
         return FusedHead(w, b, None, f"{name} (identity pool)")
-    if c * hh * ww * w.shape[0] <= dense_max_entries:
+    uneven = hh % grid != 0 or ww % grid != 0
+    if (c * hh * ww * w.shape[0] <= dense_max_entries
+            or (uneven and hh * ww * w.shape[0] <= UNEVEN_DENSE_MAX_CELLS_X_CLASSES)):
         return FusedHead(_dense_through_pool(w, grid, (c, hh, ww)), b, None, f"{name} (dense)")
     return FusedHead(w, b, grid, f"{name} (pooled)")
 
