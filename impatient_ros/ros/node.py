@@ -145,6 +145,7 @@ class _Frame:
     msg: Any            # sensor_msgs/Image or CompressedImage
     arrival: float      # time.monotonic() at the callback
     ros_now_s: float    # the node's ROS clock at the same moment (maps stamps onto monotonic time)
+    stamp_s: float      # the header stamp in seconds (0 = unset)
 
 
 @dataclass(eq=False)
@@ -578,7 +579,7 @@ class ImpatientNode(LifecycleNode):
         stamp_s = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         if stamp_s > 0.0:  # unset stamps (0) say nothing about the delay
             camera.stats.stamp_age(ros_now_s - stamp_s)
-        if camera.mailbox.put(_Frame(msg, arrival, ros_now_s)):
+        if camera.mailbox.put(_Frame(msg, arrival, ros_now_s, stamp_s)):
             camera.stats.frame_dropped()
         self._wake.set()
 
@@ -721,8 +722,7 @@ class ImpatientNode(LifecycleNode):
             if self._log_throttle.ready("image_rejected"):
                 self.get_logger().warning(f"image rejected{_on(camera)}: {exc}")
             return None
-        stamp_s = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-        ref = reference_time(settings.reference_time, stamp_s, frame.ros_now_s, frame.arrival,
+        ref = reference_time(settings.reference_time, frame.stamp_s, frame.ros_now_s, frame.arrival,
                              max_age_s=settings.max_stamp_age_s)
         if ref.fallback:
             stats.reference_fallback(ref.fallback)
