@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from impatient_ros.runtime.heads import AVG_GRIDS, HEAD_KINDS, ConvHead
 from impatient_ros.runtime.model import ImpatientNet
 
+from .layout import fast_layout
+
 __all__ = ["POOLINGS", "ExitOutputs", "pool_features", "collect_outputs", "collect_pooled"]
 
 POOLINGS: tuple[str, ...] = HEAD_KINDS  # ("fc", "avg", "avg2x2", "avg4x4", "avg7x7", "conv")
@@ -90,9 +92,11 @@ def collect_outputs(
 
     ``pooling`` defaults to each exit's head kind (``config.head`` for the backbone's own classifier);
     ``exits`` (0-based) restricts which exits' features are kept (all by default; logits are
-    always kept for every exit). The network's train/eval mode is restored.
+    always kept for every exit). The network's train/eval mode is restored; its memory layout becomes
+    the fast one for ``device`` (``training.layout``).
     """
     device = torch.device(device)
+    fast_layout(net, device)
     kinds = net.head_kinds()
     per_exit = [pooling or kind or net.config.head for kind in kinds]
     if features and any(p not in POOLINGS for p in per_exit):
@@ -140,9 +144,11 @@ def collect_pooled(
 
     ``poolings`` maps a 0-based exit to the poolings wanted there (the head
     pooling choice of ``training.probes`` fits one probe per candidate grid).
-    The blocks run only as deep as the deepest exit asked for.
+    The blocks run only as deep as the deepest exit asked for. The network's memory layout becomes the
+    fast one for ``device`` (``training.layout``).
     """
     device = torch.device(device)
+    fast_layout(net, device)
     for k, names in poolings.items():
         if not 0 <= k < net.num_stages:
             raise ValueError(f"exits must lie in 0..{net.num_stages - 1}, got {k}")

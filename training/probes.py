@@ -47,6 +47,7 @@ from impatient_ros.runtime.heads import AVG_GRIDS, ConvHead
 
 from .baselines import DEFAULT_CS, BaselineError, LinearProbe, is_probe_head, select_probe
 from .features import collect_outputs, collect_pooled
+from .layout import fast_layout
 
 __all__ = ["head_statistics", "set_head_from_probe", "settle_conv_norms", "probe_exits", "pooling_candidates",
            "HeadProbes", "fit_head_probes", "linear_probe_start", "refit_heads"]
@@ -111,6 +112,7 @@ def settle_conv_norms(net: Any, dataset: Any, *, device: str | torch.device = "c
     norms = [head.conv_norm for head in net.heads if isinstance(head, ConvHead)]
     if not norms:
         return 0
+    fast_layout(net, device)  # the layout the probes' feature passes run in: the same statistics
     was_training = net.training
     net.eval()
     saved = [norm.momentum for norm in norms]

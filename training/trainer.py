@@ -55,6 +55,7 @@ from impatient_ros.core.budget import expected_accuracy
 from . import recipe
 from .config import DISTILL_TEACHERS, ConfigError, TrainConfig, describe, save_yaml
 from .data import DataBundle, load_data
+from .layout import fast_layout, runtime_layout
 from .distributed import (
     DistContext,
     ShardSampler,
@@ -388,7 +389,7 @@ def measure_exit_cost(net: ImpatientNet, device: torch.device, reps: int = 50, w
         preprocessing = {"input_size": list(cfg.input_size), "channels": "gray" if cfg.in_channels == 1 else "rgb",
                          "mean": [0.0] * cfg.in_channels, "std": [1.0] * cfg.in_channels}
     # The engine takes over the network it runs (eval mode, heads fused in place, its device).
-    copy = _MeasuredNet(net=deepcopy(net), preprocessing=dict(preprocessing))
+    copy = _MeasuredNet(net=runtime_layout(deepcopy(net)), preprocessing=dict(preprocessing))
     engine = StagedEngine(copy, device, allow_cpu_fallback=False)
     calibration = engine.calibrate(warmup=warmup, iterations=reps).to_calibration()
     block, head = calibration.stage_costs("median")
@@ -649,7 +650,7 @@ def _setup(cfg: TrainConfig, ctx: DistContext) -> _Run:
         log.info("budget scheme %s: exit weights %s", budget["scheme"], weights)
 
     exit_cost = None
-    net.to(device)
+    fast_layout(net.to(device), device)
     if cfg.measure_cost and ctx.is_main:
         exit_cost = measure_exit_cost(net, device, preprocessing=bundle.preprocessing)
         log.info("exit cost on %s: ready after %s ms (anytime, median)", exit_cost["device"],
@@ -690,7 +691,7 @@ def _rebuild_optimisation(run: _Run) -> None:
     After heads were replaced (new parameters): before the first step, or
     before resume loads the saved states into them.
     """
-    run.net.to(run.device)
+    fast_layout(run.net.to(run.device), run.device)
     if run.ctx.enabled:
         run.model = nn.parallel.DistributedDataParallel(
             run.net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
@@ -743,7 +744,7 @@ def _save_epoch(run: _Run, record: dict[str, Any], is_best: bool) -> None:
         save_checkpoint(out / "best.pt", run.net, **description)
     _atomic_torch_save({
         "format": RESUME_FORMAT, "version": RESUME_VERSION, "epoch": record["epoch"],
-        "model": {k: v.detach().cpu() for k, v in run.net.state_dict().items()},
+        "model": {k: v.detach().cpu().contiguous() for k, v in run.net.state_dict().items()},
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(), "best_metric": run.best_metric, "best_epoch": run.best_epoch,
         "head_kinds": run.net.head_kinds(),
@@ -906,7 +907,7 @@ def evaluate_checkpoint(
         raise ConfigError(f"the {split} split is empty for {cfg.data.dataset} at {bundle.info.get('root')}")
     dev = resolve_device(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **_loader_kwargs(cfg, dev))
-    stats = evaluate(loaded.net.to(dev), loader, dev)
+    stats = evaluate(fast_layout(loaded.net.to(dev), dev), loader, dev)
     weights = (loaded.budget or {}).get("weights")
     stats["expected_accuracy"] = _expected(stats["exit_accuracy"], weights) if weights else None
     stats.update(split=split, checkpoint=str(path), class_names=loaded.class_names)

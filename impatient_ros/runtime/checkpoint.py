@@ -108,7 +108,7 @@ def save_checkpoint(
         "net_config": net.config.to_dict(),
         "num_stages": net.num_stages,
         "stage_output_shapes": [list(s) for s in net.stage_output_shapes()],
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},  # whatever layout it ran in
         "class_names": _plain(list(class_names), "class_names"),
         "preprocessing": _plain(dict(preprocessing), "preprocessing"),
         "budget": _plain(budget, "budget"),
