@@ -21,7 +21,7 @@ quick="" partial="" name=""
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=_quick ;;
-    --seeds|--regimes|--no-distill|--epochs) partial=_partial ;;
+    --seeds|--regimes|--epochs) partial=_partial ;;
     --investigate) name=investigation ;;
   esac
 done
