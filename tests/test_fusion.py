@@ -10,7 +10,7 @@ import torch
 from impatient_ros.runtime.checkpoint import load_checkpoint, save_checkpoint
 from impatient_ros.runtime.engine import StagedEngine
 from impatient_ros.runtime.fusion import (FusedHead, call_layers_as_functions, fuse_block, fuse_blocks, fuse_head,
-                                          fuse_heads)
+                                          fuse_heads, window_averages)
 from impatient_ros.runtime.heads import make_head
 from impatient_ros.runtime.model import NetConfig, build_network
 
@@ -47,16 +47,25 @@ def test_fused_avg4x4_picks_the_cheaper_form(shape, how):
     assert how in fuse_head(head, shape).kind
 
 
-@pytest.mark.parametrize("shape, how", [((32, 16, 16), "dense"), ((128, 8, 8), "dense"), ((16, 32, 32), "pooled")])
-def test_fused_avg7x7_goes_dense_where_its_uneven_pool_is_slower(shape, how):
-    # 7x7 windows on 16x16 or 8x8 overlap: past DENSE_MAX_ENTRIES the dense product still wins there,
-    # but not on a 32x32 map, where it has 10,240 cells x classes per channel to multiply.
+@pytest.mark.parametrize("shape, how", [((16, 8, 8), "dense"), ((32, 16, 16), "separable"), ((128, 8, 8), "dense"),
+                                        ((16, 32, 32), "separable"), ((64, 14, 16), "separable"),
+                                        ((64, 12, 9), "separable")])
+def test_fused_avg7x7_on_an_uneven_map_is_dense_or_separable_and_exact(shape, how):
+    # 7x7 windows on these maps overlap (at least in one direction): small maps go dense whatever the channels,
+    # the others pool the rows by a matrix product with the columns folded in, never the overlapping-window kernel.
     head = _trained_like(make_head("avg7x7", shape[0], shape[1:], 10), shape)
     fused = fuse_head(head, shape)
     assert how in fused.kind
     x = torch.randn(2, *shape)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), head(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, grid", [(32, 7), (16, 7), (12, 7), (8, 4), (5, 2), (7, 7)])
+def test_window_averages_are_adaptive_pooling(size, grid):
+    x = torch.randn(3, 4, size, size, dtype=torch.float64)
+    a = window_averages(size, grid)
+    torch.testing.assert_close(a @ x @ a.T, torch.nn.functional.adaptive_avg_pool2d(x, grid))
 
 
 def test_fuse_head_refuses_a_training_mode_head():

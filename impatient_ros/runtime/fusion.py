@@ -10,7 +10,12 @@ The average pooling is linear as well. Where the stage's feature map is small,
 pooling and linear layer together become one matrix product on the flattened
 feature map (the pooling's adjoint applied to W'); where pooling is the identity
 (a 4x4 map into the 4x4 head) this is just W'. Otherwise the head keeps its
-pooling and runs one matrix product after it.
+pooling and runs one matrix product after it. A grid that does not divide the
+map (7x7 on 32x32 or 16x16) makes adaptive pooling average overlapping windows
+of unequal size, a slow kernel; that pooling is separable (rows, then columns:
+``A_h h A_w^T`` with the g x H and g x W window-averaging matrices), so such a
+head pools the rows with one batched matrix product and folds the column
+pooling into W' (``W' A_w``): two calls, neither of them the slow kernel.
 
 Why: on a CPU a head of a small network costs about as much in per-operator
 dispatch as in arithmetic (pool, flatten, batch norm, linear: four calls, about
@@ -56,28 +61,36 @@ from .heads import AvgGridHead, AvgHead, ConvHead, FCHead
 # (smallcnn_tiny 64x8x8 -> 10 classes: 18 us fused vs 24 us pool + linear;
 # 32x16x16: 26 us vs 20 us).
 DENSE_MAX_ENTRIES = 65_536
-# A grid that does not divide the map (7x7 on 16x16 or 8x8) makes adaptive pooling use
-# overlapping, unequal windows: a slower kernel whose time grows with the channels, as the
-# dense product's does. So there the choice does not depend on the channels: the dense
-# form is faster while map cells x classes stays below this (bench/results/
-# engine_cpu_default_model_ab.md: the embedded model's 32x16x16 -> 7x7 exit).
-UNEVEN_DENSE_MAX_CELLS_X_CLASSES = 3_200
+# A grid that does not divide the map: the adaptive pool's overlapping windows are the slowest
+# form at every such shape measured (bench/results/fused_uneven_heads.md). Its dense product
+# still wins on small maps whatever the channels (8x8: 64 cells x 10 classes), the separable
+# form (rows pooled by a product, columns folded into the linear layer) on larger ones (16x16,
+# 32x32). For grids that divide the map the pool kernel was as fast as the separable form.
+UNEVEN_DENSE_MAX_CELLS_X_CLASSES = 1_000
 
 
 class FusedHead(nn.Module):
-    """``[adaptive average pool] -> flatten -> x @ weight_t + bias``; fixed weights, no batch norm."""
+    """``[adaptive average pool | row pooling] -> flatten -> x @ weight_t + bias``; fixed weights, no batch norm.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, pool: int | None, kind: str) -> None:
+    ``rows`` (g, H): the window-averaging matrix of a separable pooling's rows (module note); the
+    weight then reads (C, g, W) features, the columns' pooling folded in.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, pool: int | None, kind: str,
+                 rows: torch.Tensor | None = None) -> None:
         super().__init__()
         self.pool = pool
         self.kind = kind  # the head it replaced and how: "avg4x4 (dense)", "avg (pooled)", ...
         # Stored transposed and contiguous: addmm(bias, x (N, F), weight_t (F, classes)).
         self.register_buffer("weight_t", weight.t().contiguous())
         self.register_buffer("bias", bias.contiguous())
+        self.register_buffer("rows", None if rows is None else rows.contiguous())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # h: (N, C, H, W) -> logits (N, num_classes)
-        if self.pool is not None:
+        if self.rows is not None:
+            h = torch.matmul(self.rows, h)  # (g, H) @ (N, C, H, W) -> (N, C, g, W)
+        elif self.pool is not None:
             h = F.adaptive_avg_pool2d(h, self.pool)
         return torch.addmm(self.bias, h.flatten(1), self.weight_t)
 
@@ -137,7 +150,20 @@ def _fused_avg(norm: nn.modules.batchnorm._BatchNorm, fc: nn.Linear, grid: int, 
     if (c * hh * ww * w.shape[0] <= dense_max_entries
             or (uneven and hh * ww * w.shape[0] <= UNEVEN_DENSE_MAX_CELLS_X_CLASSES)):
         return FusedHead(_dense_through_pool(w, grid, (c, hh, ww)), b, None, f"{name} (dense)")
+    if uneven:  # overlapping windows: pool the rows by a product, fold the columns into the weight
+        cols = window_averages(ww, grid)  # (g, W)
+        w_rows = torch.einsum("kcij,jx->kcix", w.reshape(w.shape[0], c, grid, grid), cols).flatten(1)
+        return FusedHead(w_rows, b, None, f"{name} (separable)", rows=window_averages(hh, grid))
     return FusedHead(w, b, grid, f"{name} (pooled)")
+
+
+def window_averages(size: int, grid: int) -> torch.Tensor:
+    """(grid, size) float64: row i averages adaptive pooling's window i, [floor(i n / g), ceil((i + 1) n / g))."""
+    out = torch.zeros(grid, size, dtype=torch.float64)
+    for i in range(grid):
+        start, end = (i * size) // grid, -(-((i + 1) * size) // grid)
+        out[i, start:end] = 1.0 / (end - start)
+    return out
 
 
 def _folded(norm: nn.modules.batchnorm._BatchNorm, fc: nn.Linear, repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
