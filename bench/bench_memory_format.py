@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from _common import machine_info  # noqa: E402
 from impatient_ros.runtime.backbones import list_backbones  # noqa: E402
 from impatient_ros.runtime.model import NetConfig, build_network  # noqa: E402
 from training.layout import fast_layout  # noqa: E402
@@ -57,16 +57,6 @@ def _time_eval(net: torch.nn.Module, x: torch.Tensor, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} of {os.cpu_count()} cores used"
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -94,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(f"| {backbone} {size[0]}x{size[1]}, batch {batch} | {what} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
     table = ["| network | pass | NCHW ms | channels-last ms | ratio |", "|---|---|---|---|---|", *rows]
     head = [f"- command: `python {' '.join(['bench/bench_memory_format.py', *(argv or sys.argv[1:])])}`",
-            f"- machine: {_cpu_name()}, "
+            f"- machine: {machine_info()['cpu_model']}, {torch.get_num_threads()} of {os.cpu_count()} cores used, "
             f"torch {torch.__version__}, {args.rounds} alternating rounds of {args.steps} steps, fastest kept", ""]
     text = "\n".join(head + table)
     print(text)

@@ -65,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from _common import machine_info  # noqa: E402
 from impatient_ros.runtime.checkpoint import load_checkpoint  # noqa: E402
 from impatient_ros.runtime.model import build_network, list_heads  # noqa: E402
 from training.baselines import DEFAULT_CS, fit_exit_probes  # noqa: E402
@@ -1236,16 +1237,9 @@ def cascade_table(result: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+    return (f"{machine_info()['cpu_model']}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
 
 
 def write_report(results: dict[str, Any], args: argparse.Namespace, clock: Clock, out: Path, stem: str) -> Path:

@@ -41,6 +41,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source checkout
 
+from _common import machine_info  # noqa: E402  (bench/, this script's folder)
+
 RECIPE = REPO / "configs" / "fashion_mnist_default.yaml"
 # 15 min of joint training as before, plus ~3 min for the impatient recipe's refit and ensemble (on 2 shared
 # cores; see the report).
@@ -49,16 +51,6 @@ TARGET_LAST_EXIT = 0.92
 # Issue 12's reference: the embedded model before the impatient recipe (plain heads, full test set).
 REFERENCE_EXITS = [0.8357, 0.8989, 0.9129, 0.9158]
 REFERENCE_EQ = sum(REFERENCE_EXITS) / len(REFERENCE_EXITS)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _parse() -> tuple[argparse.Namespace, list[str]]:
@@ -288,7 +280,7 @@ Test accuracy (full test set, {test_out.num_images} images) and expected accurac
   cores were shared). CPU time of the training processes {train_cpu_s:.0f} s (user + system, all ranks), i.e.
   about {train_cpu_s / max(1, args.nproc) / 60:.1f} min of wall time on {args.nproc} otherwise idle core(s).
 - Exit latency measured on: {cost.get('device', 'not measured')}.
-- Machine: {_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()},
+- Machine: {machine_info()['cpu_model']}, {os.cpu_count()} cores, {platform.system()} {platform.release()},
   Python {platform.python_version()}, torch {torch.__version__}.
 - Targets ({'all met' if ok else 'NOT all met'}; measured on the published answer, the {shipped}):
 {chr(10).join(f"  - {name}: {'met' if met else 'NOT met'}" for name, met in targets.items())}
