@@ -733,12 +733,13 @@ def evaluate_part(regime: Regime, seed: int, part: str, work: Path, lr_choice: d
         raise ValueError(f"unknown evaluation part {part!r}")
 
     splits: dict[str, Any] | None = None
-    # PAPER: jointly trained with each scheme's weights (and with self-distillation), the published recipe.
-    paper: dict[str, Any] = {"OURS": {}, "OURS+distill": {}, "OURS+refit": {}}
+    # PAPER: jointly trained with each scheme's weights (and with self-distillation), the published recipe;
+    # OURS is the impatient recipe (below).
+    res.update({"PAPER": {}, "PAPER+distill": {}, "PAPER+probes": {}})
     for scheme in regime.schemes:
         variants = [False] + ([True] if distill and scheme in regime.distill_schemes else [])
         for dist in variants:
-            key = "OURS+distill" if dist else "OURS"
+            key = "PAPER+distill" if dist else "PAPER"
             say(f"seed {seed}: PAPER{'+distill' if dist else ''} {scheme}")
             ckpt = run(scheme, dist)
             if splits is None:
@@ -749,17 +750,13 @@ def evaluate_part(regime: Regime, seed: int, part: str, work: Path, lr_choice: d
             names = ("train", "val", "test") if diagnose else ("val", "test")
             o = run_outputs(net, splits, names, diagnose, clock)
             yv, yt = o["val"].labels, o["test"].labels
-            paper[key][scheme] = exit_record(o["val"].logits, yv, o["test"].logits, yt)
+            res[key][scheme] = exit_record(o["val"].logits, yv, o["test"].logits, yt)
             if diagnose:
                 p = fit_probes(o, loaded.config.num_classes, clock, regime.probe_Cs)
-                paper["OURS+refit"][scheme] = exit_record(p["val_logits"], yv, p["test_logits"], yt, C=p["C"])
+                res["PAPER+probes"][scheme] = exit_record(p["val_logits"], yv, p["test_logits"], yt, C=p["C"])
             if not dist and scheme in regime.cascade_schemes:
                 done["cascade"][scheme] = {"val": (o["val"].logits, yv), "test": (o["test"].logits, yt)}
             del o
-    # The published recipe's columns are PAPER*; OURS is the impatient recipe (below).
-    res["PAPER"], res["PAPER+distill"], res["PAPER+probes"] = paper["OURS"], paper["OURS+distill"], \
-        paper["OURS+refit"]
-
     # OURS: --recipe impatient. Per lever: the chosen epoch as trained ("OURS trained"), + refit ("OURS+refit",
     # plain heads of best.pt), + exit ensemble (the full recipe, "OURS").
     res.update({"OURS": {}, "OURS trained": {}, "OURS+refit": {}, "OURS levers": {}})
