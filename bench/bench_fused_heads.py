@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 import torch  # noqa: E402
 
-from impatient_ros.runtime.fusion import FusedHead, _dense_through_pool, _folded, fuse_head, window_averages  # noqa: E402
+from impatient_ros.runtime.fusion import (  # noqa: E402
+    FusedHead, _dense_through_pool, _folded, fuse_head, separable_head)
 from impatient_ros.runtime.heads import make_head  # noqa: E402
 
 # (channels, H, W, grid): the embedded model's and the reproduction networks' stage maps with 7x7 / 4x4 / 2x2 grids.
@@ -34,10 +35,8 @@ def _forms(c: int, h: int, w: int, grid: int) -> tuple[str, dict[str, torch.nn.M
         head.norm.running_var.uniform_(0.5, 2.0)
     head.eval()
     wt, b = _folded(head.norm, head.fc, 1)
-    cols = window_averages(w, grid)
-    w_rows = torch.einsum("kcij,jx->kcix", wt.reshape(10, c, grid, grid), cols).flatten(1)
     forms = {"pooled": FusedHead(wt, b, grid, "pooled"),
-             "separable": FusedHead(w_rows, b, None, "separable", rows=window_averages(h, grid)),
+             "separable": separable_head(wt, b, grid, (c, h, w), "separable"),
              "dense": FusedHead(_dense_through_pool(wt, grid, (c, h, w)), b, None, "dense")}
     return fuse_head(head, (c, h, w)).kind, {k: m.float() for k, m in forms.items()}
 

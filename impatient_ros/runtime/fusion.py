@@ -151,10 +151,17 @@ def _fused_avg(norm: nn.modules.batchnorm._BatchNorm, fc: nn.Linear, grid: int, 
             or (uneven and hh * ww * w.shape[0] <= UNEVEN_DENSE_MAX_CELLS_X_CLASSES)):
         return FusedHead(_dense_through_pool(w, grid, (c, hh, ww)), b, None, f"{name} (dense)")
     if uneven:  # overlapping windows: pool the rows by a product, fold the columns into the weight
-        cols = window_averages(ww, grid)  # (g, W)
-        w_rows = torch.einsum("kcij,jx->kcix", w.reshape(w.shape[0], c, grid, grid), cols).flatten(1)
-        return FusedHead(w_rows, b, None, f"{name} (separable)", rows=window_averages(hh, grid))
+        return separable_head(w, b, grid, (c, hh, ww), f"{name} (separable)")
     return FusedHead(w, b, grid, f"{name} (pooled)")
+
+
+def separable_head(weight: torch.Tensor, bias: torch.Tensor, grid: int, shape: tuple[int, int, int],
+                   kind: str) -> FusedHead:
+    """linear(flatten(adaptive_avg_pool(h, grid))) on (C, H, W) maps as row pooling + one product (module note)."""
+    c, hh, ww = shape
+    cols = window_averages(ww, grid)  # (g, W)
+    w_rows = torch.einsum("kcij,jx->kcix", weight.reshape(weight.shape[0], c, grid, grid), cols).flatten(1)
+    return FusedHead(w_rows, bias, None, kind, rows=window_averages(hh, grid))
 
 
 def window_averages(size: int, grid: int) -> torch.Tensor:
