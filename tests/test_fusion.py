@@ -26,7 +26,7 @@ def _trained_like(head: torch.nn.Module, shape: tuple[int, int, int]) -> torch.n
     return head.eval()
 
 
-@pytest.mark.parametrize("kind", ["fc", "avg", "avg2x2", "avg4x4", "avg7x7"])
+@pytest.mark.parametrize("kind", ["fc", "avg", "avg2x2", "avg4x4", "avg7x7", "avg8x8"])
 @pytest.mark.parametrize("shape", [(8, 2, 2), (4, 4, 4), (16, 8, 8), (8, 7, 5), (8, 7, 7), (32, 16, 16)])
 def test_fused_head_equals_trained_head(kind, shape):
     torch.manual_seed(0)
@@ -61,7 +61,18 @@ def test_fused_avg7x7_on_an_uneven_map_is_dense_or_separable_and_exact(shape, ho
         torch.testing.assert_close(fused(x), head(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("size, grid", [(32, 7), (16, 7), (12, 7), (8, 4), (5, 2), (7, 7)])
+@pytest.mark.parametrize("shape", [(16, 32, 32), (24, 16, 16), (16, 28, 28), (32, 14, 14)])
+def test_fused_avg8x8_is_exact_on_even_and_uneven_maps(shape):
+    # 8x8 divides Lite0's 32/16-pixel maps at 64x64 input; on the small CNN's 28x28 and 14x14 maps its windows overlap.
+    head = _trained_like(make_head("avg8x8", shape[0], shape[1:], 10), shape)
+    fused = fuse_head(head, shape)
+    assert fused.kind.startswith("avg8x8")
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), head(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, grid", [(32, 7), (16, 7), (12, 7), (8, 4), (5, 2), (7, 7), (28, 8), (14, 8)])
 def test_window_averages_are_adaptive_pooling(size, grid):
     x = torch.randn(3, 4, size, size, dtype=torch.float64)
     a = window_averages(size, grid)

@@ -134,7 +134,8 @@ def test_refit_chooses_the_pooling_grid_on_val_and_equals_that_probe(tmp_path) -
     net = _net("avg4x4")  # 16x16 input: maps of 16, 8, 4 and 2 pixels a side
     train, val = learnable_gray16(96, 3), learnable_gray16(40, 4)
     assert [pooling_candidates(net, k) for k in range(4)] == [
-        ["avg", "avg2x2", "avg4x4", "avg7x7"], ["avg", "avg2x2", "avg4x4", "avg7x7"], ["avg", "avg2x2", "avg4x4"],
+        ["avg", "avg2x2", "avg4x4", "avg7x7", "avg8x8"], ["avg", "avg2x2", "avg4x4", "avg7x7", "avg8x8"],
+        ["avg", "avg2x2", "avg4x4"],
         ["avg", "avg2x2", "avg4x4"]]  # a 4x4 grid on the 2x2 map stays a candidate: it is the head's own
     Cs = (0.1, 1.0)
     cands = {k: pooling_candidates(net, k) for k in range(4)}
@@ -143,7 +144,7 @@ def test_refit_chooses_the_pooling_grid_on_val_and_equals_that_probe(tmp_path) -
     expected = {}
     for k in range(4):  # by hand: the best probe per pooling, the best pooling (own kind, then coarse, on ties)
         fits = {p: select_probe(tr[(k, p)], y_tr, va[(k, p)], y_va, Cs, num_classes=4) for p in cands[k]}
-        order = sorted(cands[k], key=lambda p: (p != "avg4x4", {"avg": 1, "avg2x2": 2, "avg4x4": 4, "avg7x7": 7}[p]))
+        order = sorted(cands[k], key=lambda p: (p != "avg4x4", {"avg": 1, "avg2x2": 2, "avg4x4": 4, "avg7x7": 7, "avg8x8": 8}[p]))
         best = max(order, key=lambda p: max(fits[p][1].values()))
         expected[k] = (best, fits[best][0])
     report = refit_heads(net, train, val, Cs=Cs, choose_pooling=True)

@@ -221,7 +221,7 @@ def test_yaml_below_cli_precedence(tmp_path: Path) -> None:
     ("argv", "message"),
     [
         (["--backbone", "resnet1000"], "valid backbones: alexnet, .*smallcnn"),
-        (["--head", "mlp"], "valid heads: fc, avg, avg2x2, avg4x4, avg7x7, conv"),
+        (["--head", "mlp"], "valid heads: fc, avg, avg2x2, avg4x4, avg7x7, avg8x8, conv"),
         (["--scheme", "QUAD"], "valid schemes: STD, EQ, LIN, POLY, ILIN, IPOLY, NORM"),
         (["--optimizer", "lamb"], "valid optimizers: sgd, adamw"),
         (["--augmentation", "heavy"], "valid augmentation presets: none, light, standard"),

@@ -211,7 +211,7 @@ class TrainConfig:
     # Fashion-MNIST training set it costs minutes of CPU (bench/train_default.py).
     refit_train_per_class: int | None = None
     # Impatient recipe: the LP-FT start and the head refit also choose each average-pooling head's grid
-    # (avg, avg2x2, avg4x4, avg7x7) on validation data, as they choose the probe's C (training.probes).
+    # (avg, avg2x2, avg4x4, avg7x7, avg8x8) on validation data, as they choose the probe's C (training.probes).
     choose_pooling: bool = True
 
     # ------------------------------------------------------------------ dict round trip
@@ -561,7 +561,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     opt(g, "--refit-train-per-class", None, "refit_train_per_class", "impatient recipe: fit the head-refit probes "
         "on at most N training images per class (seeded random subset; default: all)", type=int, metavar="N")
     opt(g, "--choose-pooling", None, "choose_pooling", "impatient recipe: the LP-FT start and the head refit also "
-        "choose each average-pooling head's grid (avg, avg2x2, avg4x4, avg7x7) on val",
+        "choose each average-pooling head's grid (avg, avg2x2, avg4x4, avg7x7, avg8x8) on val",
         action=argparse.BooleanOptionalAction)
 
 

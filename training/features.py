@@ -5,7 +5,7 @@ EP layers help?") must see exactly what an EP head sees, so the features are
 pooled the way the head pools:
 
 * ``avg4x4`` -- average pooling into a 4x4 grid, flattened (16 * C values);
-  ``avg2x2`` and ``avg7x7`` alike on their grids;
+  ``avg2x2``, ``avg7x7`` and ``avg8x8`` alike on their grids;
 * ``avg``    -- global average pooling (C values);
 * ``fc``     -- the whole feature map, flattened (C * H * W values);
 * ``conv``   -- the conv head's own pooled features (``ConvHead.features``:
@@ -37,7 +37,7 @@ from .layout import fast_layout
 
 __all__ = ["POOLINGS", "ExitOutputs", "pool_features", "collect_outputs", "collect_pooled"]
 
-POOLINGS: tuple[str, ...] = HEAD_KINDS  # ("fc", "avg", "avg2x2", "avg4x4", "avg7x7", "conv")
+POOLINGS: tuple[str, ...] = HEAD_KINDS  # ("fc", "avg", "avg2x2", "avg4x4", "avg7x7", "avg8x8", "conv")
 
 
 def pool_features(h: torch.Tensor, pooling: str, head: torch.nn.Module | None = None) -> torch.Tensor:

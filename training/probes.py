@@ -143,7 +143,7 @@ def probe_exits(net: Any) -> list[int]:
 def pooling_candidates(net: Any, k: int) -> list[str]:
     """The poolings exit k's head may take when its pooling is chosen on validation data.
 
-    An average-pooling head (``avg``, ``avg2x2``, ``avg4x4``, ``avg7x7``) may
+    An average-pooling head (``avg``, ``avg2x2``, ``avg4x4``, ``avg7x7``, ``avg8x8``) may
     become any of them whose grid fits the stage's feature map (a grid larger
     than the map only repeats cells), its own kind always included; ``fc`` and
     ``conv`` heads keep their kind.

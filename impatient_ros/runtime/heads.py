@@ -6,12 +6,14 @@ The three kinds follow Amthor et al. (BMVC 2016, Fig. 2 right):
 * ``"avg"``    -- global average pooling, then a fully connected layer,
 * ``"avg4x4"`` -- average pooling into 4x4 = 16 regions (keeps rough spatial
   layout), then a fully connected layer; the paper's choice,
-* ``"avg2x2"``, ``"avg7x7"`` -- the same on a 2x2 / 7x7 grid (:class:`AvgGridHead`):
-  the paper's 4x4 grid was made for 224x224 images, whose stage maps are 56 to 7
-  pixels a side; on small inputs an early 28x28 or 32x32 map averaged into 4x4
-  cells loses detail a finer grid keeps, and a deep 2x2 map copied into 4x4
-  cells only repeats itself. The impatient recipe chooses the grid per exit on
-  validation data (``training.probes``),
+* ``"avg2x2"``, ``"avg7x7"``, ``"avg8x8"`` -- the same on a 2x2 / 7x7 / 8x8 grid
+  (:class:`AvgGridHead`): the paper's 4x4 grid was made for 224x224 images, whose
+  stage maps are 56 to 7 pixels a side; on small inputs an early 28x28 or 32x32
+  map averaged into 4x4 cells loses detail a finer grid keeps, and a deep 2x2 map
+  copied into 4x4 cells only repeats itself. The impatient recipe chooses the
+  grid per exit on validation data (``training.probes``). 8x8 divides the
+  32/16/8-pixel maps of 64x64 inputs (EfficientNet-Lite0's first three stages),
+  so it pools with the even kernel where 7x7 needs overlapping windows,
 * ``"conv"``   -- an MSDNet-style head (Huang et al., ICLR 2018): one 3x3
   convolution + batch norm + ReLU in front of the ``avg4x4`` head, so an
   early exit gets a layer of its own instead of reading the backbone's
@@ -27,9 +29,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HEAD_KINDS: tuple[str, ...] = ("fc", "avg", "avg2x2", "avg4x4", "avg7x7", "conv")
+HEAD_KINDS: tuple[str, ...] = ("fc", "avg", "avg2x2", "avg4x4", "avg7x7", "avg8x8", "conv")
 # The average-pooling kinds and their grid (cells a side): "avg" pools globally.
-AVG_GRIDS: dict[str, int] = {"avg": 1, "avg2x2": 2, "avg4x4": 4, "avg7x7": 7}
+AVG_GRIDS: dict[str, int] = {"avg": 1, "avg2x2": 2, "avg4x4": 4, "avg7x7": 7, "avg8x8": 8}
 
 
 class FCHead(nn.Module):
