@@ -655,7 +655,7 @@ def evaluate_many(regime: Regime, seeds: list[int], work: Path, lr_choice: dict[
                 out[futures[fut]] = fut.result()  # a failure stops the benchmark with its traceback
     for result in out.values():
         for name, seconds in result["phases"].items():
-            clock.add(f"{name} (summed over workers)" if clock.jobs > 1 else name, seconds)
+            clock.add(f"{name}{WORKER_SUM}" if clock.jobs > 1 else name, seconds)
     clock.add("evaluation", time.perf_counter() - t0)
     return out
 
@@ -1239,6 +1239,21 @@ def machine() -> str:
             f"{platform.system()} {platform.release()}")
 
 
+WORKER_SUM = " (summed over workers)"  # phases timed inside the evaluation workers: CPU time that overlaps
+
+
+def elapsed_text(clock: Clock) -> str:
+    """The elapsed line: wall-clock phases (they add up to about the total), then the workers' summed phases."""
+    wall = {k: v for k, v in clock.phases.items() if not k.endswith(WORKER_SUM)}
+    summed = {k[: -len(WORKER_SUM)]: v for k, v in clock.phases.items() if k.endswith(WORKER_SUM)}
+    text = f"{clock.total() / 60:.1f} min; wall-clock phases: " + ", ".join(
+        f"{k} {v / 60:.1f}" for k, v in wall.items()) + " min"
+    if summed:
+        text += (f"; inside the evaluation phase, summed over its {clock.jobs} workers: "
+                 + ", ".join(f"{k} {v / 60:.1f}" for k, v in summed.items()) + " min")
+    return text
+
+
 def write_report(results: dict[str, Any], args: argparse.Namespace, clock: Clock, out: Path, stem: str) -> Path:
     """Markdown + JSON + PNGs of the reproduction."""
     out.mkdir(parents=True, exist_ok=True)
@@ -1246,7 +1261,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, clock: Clock
     md += [f"- command: `{' '.join([sys.executable.split('/')[-1], *sys.argv])}`",
            f"- machine: {machine()}",
            f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
-           f"- elapsed: {clock.total() / 60:.1f} min (" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in clock.phases.items()) + ")",
+           f"- elapsed: {elapsed_text(clock)}",
            f"- training runs: {clock.trained} done here ({clock.run_seconds / 60:.1f} min of run time, "
            f"{clock.jobs} at a time), {len(clock.reused)} reused from finished runs in "
            f"`{args.work}` (they had taken {sum(clock.reused) / 60:.1f} min of run time); a fresh run needs about "
