@@ -61,6 +61,20 @@ def test_fused_avg7x7_on_an_uneven_map_is_dense_or_separable_and_exact(shape, ho
         torch.testing.assert_close(fused(x), head(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, classes, how", [((256, 14, 14), 10, "separable"), ((256, 14, 14), 1000, "pooled"),
+                                                 ((512, 7, 7), 1000, "pooled"), ((32, 14, 14), 100, "separable"),
+                                                 ((32, 14, 14), 200, "pooled")])
+def test_uneven_grid_with_many_classes_keeps_the_pool(shape, classes, how):
+    # The separable form's linear layer holds C * g * (W - g) * classes more weights than the pooled one: with
+    # 1000 classes on resnet18's deep maps it took 2-3.6x the pooled form's time, so those heads stay pooled.
+    head = _trained_like(make_head("avg4x4", shape[0], shape[1:], classes), shape)
+    fused = fuse_head(head, shape)
+    assert how in fused.kind
+    x = torch.randn(1, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), head(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(16, 32, 32), (24, 16, 16), (16, 28, 28), (32, 14, 14)])
 def test_fused_avg8x8_is_exact_on_even_and_uneven_maps(shape):
     # 8x8 divides Lite0's 32/16-pixel maps at 64x64 input; on the small CNN's 28x28 and 14x14 maps its windows overlap.

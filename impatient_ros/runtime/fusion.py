@@ -15,7 +15,8 @@ map (7x7 on 32x32 or 16x16) makes adaptive pooling average overlapping windows
 of unequal size, a slow kernel; that pooling is separable (rows, then columns:
 ``A_h h A_w^T`` with the g x H and g x W window-averaging matrices), so such a
 head pools the rows with one batched matrix product and folds the column
-pooling into W' (``W' A_w``): two calls, neither of them the slow kernel.
+pooling into W' (``W' A_w``): two calls, neither of them the slow kernel, unless
+the folded weight grows too much (many classes: ``SEPARABLE_MAX_EXTRA_WEIGHTS``).
 
 Why: on a CPU a head of a small network costs about as much in per-operator
 dispatch as in arithmetic (pool, flatten, batch norm, linear: four calls, about
@@ -67,6 +68,11 @@ DENSE_MAX_ENTRIES = 65_536
 # form (rows pooled by a product, columns folded into the linear layer) on larger ones (16x16,
 # 32x32). For grids that divide the map the pool kernel was as fast as the separable form.
 UNEVEN_DENSE_MAX_CELLS_X_CLASSES = 1_000
+# The separable form's linear layer reads g x W columns per channel where the pooled one reads g x g, so it
+# holds C * g * (W - g) * classes more weights, read on every call. With 10 classes that is at most about
+# 1e5 and the separable form wins; with 1000 classes (resnet18's 256x14x14 and 512x7x7 maps at 224x224,
+# 4x4 grid) it is millions, and the form took 2.0-3.6x the pooled one (bench/results/fused_uneven_heads.md).
+SEPARABLE_MAX_EXTRA_WEIGHTS = 131_072
 
 
 class FusedHead(nn.Module):
@@ -150,7 +156,8 @@ def _fused_avg(norm: nn.modules.batchnorm._BatchNorm, fc: nn.Linear, grid: int, 
     if (c * hh * ww * w.shape[0] <= dense_max_entries
             or (uneven and hh * ww * w.shape[0] <= UNEVEN_DENSE_MAX_CELLS_X_CLASSES)):
         return FusedHead(_dense_through_pool(w, grid, (c, hh, ww)), b, None, f"{name} (dense)")
-    if uneven:  # overlapping windows: pool the rows by a product, fold the columns into the weight
+    if uneven and c * grid * (ww - grid) * w.shape[0] <= SEPARABLE_MAX_EXTRA_WEIGHTS:
+        # overlapping windows: pool the rows by a product, fold the columns into the weight
         return separable_head(w, b, grid, (c, hh, ww), f"{name} (separable)")
     return FusedHead(w, b, grid, f"{name} (pooled)")
 
