@@ -135,6 +135,38 @@ def test_engine_probs_equal_eager_network(checkpoint, image):
     np.testing.assert_allclose(apriori.final.probs, eager_exit, atol=1e-6)
 
 
+def test_blocks_and_heads_called_directly_still_run_hooks_registered_later(checkpoint, image):
+    # The CPU executor calls forward directly while no hook could run (executors.call_module): a hook on a
+    # block or head, or a global one, registered after the engine was built, must still run, and the
+    # answers must not change either way.
+    from impatient_ros.runtime.executors import call_module
+
+    engine = _engine(checkpoint)
+    plain = engine.run(image, "gray")
+    calls: list[str] = []
+    handles = [engine.net.blocks[1].register_forward_hook(lambda m, i, o: calls.append("block 2")),
+               engine.net.heads[2].register_forward_pre_hook(lambda m, i: calls.append("head 3"))]
+    hooked = engine.run(image, "gray")
+    for h in handles:
+        h.remove()
+    assert calls == ["block 2", "head 3"]
+    seen: list[str] = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        engine.run(image, "gray")
+    finally:
+        handle.remove()
+    assert len(seen) >= 2 * engine.num_stages  # every block and head (and their inner modules)
+    calls.clear()
+    engine.run(image, "gray")
+    assert calls == []  # removed hooks are gone: the direct path again
+    for a, b in zip(plain.results, hooked.results):
+        np.testing.assert_array_equal(a.probs, b.probs)
+    layer = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(call_module(layer, x), layer(x))
+
+
 def test_cascade_threshold_one_stops_at_stage_one_and_inf_never(checkpoint, image):
     engine = _engine(checkpoint)
     report = engine.run(image, "gray", mode=Mode.CASCADE, cascade_threshold=1.0)
