@@ -66,7 +66,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from _common import machine_info  # noqa: E402
-from impatient_ros.runtime.checkpoint import load_checkpoint  # noqa: E402
+from impatient_ros.runtime.checkpoint import load_checkpoint, sha256_file  # noqa: E402
 from impatient_ros.runtime.model import build_network, list_heads  # noqa: E402
 from training.baselines import DEFAULT_CS, fit_exit_probes  # noqa: E402
 from impatient_ros.core.budget import scheme_weights  # noqa: E402
@@ -497,14 +497,6 @@ def fit_probes(outs: dict[str, Any], num_classes: int, clock: Clock, Cs: tuple[f
             "C": probes.chosen_C}
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (two checkpoints with equal digests hold the same network)."""
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def exit_record(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray,
                 **extra: Any) -> dict[str, Any]:
     """Per-exit accuracy on val and test."""
@@ -754,7 +746,7 @@ def evaluate_part(regime: Regime, seed: int, part: str, work: Path, lr_choice: d
             if splits is None:
                 splits = load_splits(regime, seed, load_checkpoint(ckpt).preprocessing)
             if not dist and regime.checkpoint == "best" and not regime.recalibrate_bn:
-                paper_digest[scheme] = file_digest(ckpt)  # evaluated as saved: OURS trained may be this file
+                paper_digest[scheme] = sha256_file(ckpt)  # evaluated as saved: OURS trained may be this file
             loaded = load_trained(regime, ckpt, splits, clock)
             net = loaded.net
             diagnose = (not dist) and scheme in regime.diagnose_schemes
@@ -780,7 +772,7 @@ def evaluate_part(regime: Regime, seed: int, part: str, work: Path, lr_choice: d
             splits = load_splits(regime, seed, final.preprocessing)
         o_fi = run_outputs(final.net, splits, ("val", "test"), False, clock)
         yv, yt = o_fi["val"].labels, o_fi["test"].labels
-        if paper_digest.get(scheme) == file_digest(best.with_name("best_trained.pt")):
+        if paper_digest.get(scheme) == sha256_file(best.with_name("best_trained.pt")):
             # Without pretrained weights OURS trains PAPER's network (at the rate val chose for OURS): where that is
             # PAPER's own run, its inference was done above.
             res["OURS trained"][scheme] = copy.deepcopy(res["PAPER"][scheme])

@@ -128,7 +128,7 @@ def save_checkpoint(
     def hash_then_drop_sidecar(tmp: Path) -> None:
         # The old sidecar goes only once the new file is complete, right before the swap: a crash
         # then leaves a checkpoint without a sidecar (loads unverified), never one with a wrong hash.
-        digests.append(_sha256_file(tmp))
+        digests.append(sha256_file(tmp))
         sidecar.unlink(missing_ok=True)
 
     atomic_write(path, lambda f: torch.save(payload, f), before_replace=hash_then_drop_sidecar)
@@ -136,7 +136,8 @@ def save_checkpoint(
     return path
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, hex (the sidecar's digest; equal digests: the same checkpoint)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -269,7 +270,7 @@ def _verify_sidecar(path: Path) -> str | None:
         raise CheckpointError(f"cannot read the hash sidecar {sidecar}: {exc}; delete or regenerate it") from exc
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
         raise CheckpointError(f"hash sidecar {sidecar} holds no sha256 digest; delete or regenerate it")
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if digest != expected:
         raise CheckpointError(
             f"{path} does not match its sha256 sidecar {sidecar.name} (file {digest[:12]}..., "
