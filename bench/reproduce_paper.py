@@ -772,7 +772,7 @@ def evaluate_part(regime: Regime, seed: int, part: str, work: Path, lr_choice: d
             splits = load_splits(regime, seed, final.preprocessing)
         o_fi = run_outputs(final.net, splits, ("val", "test"), False, clock)
         yv, yt = o_fi["val"].labels, o_fi["test"].labels
-        if paper_digest.get(scheme) == sha256_file(best.with_name("best_trained.pt")):
+        if scheme in paper_digest and paper_digest[scheme] == sha256_file(best.with_name("best_trained.pt")):
             # Without pretrained weights OURS trains PAPER's network (at the rate val chose for OURS): where that is
             # PAPER's own run, its inference was done above.
             res["OURS trained"][scheme] = copy.deepcopy(res["PAPER"][scheme])
