@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the paper's Table 1 / Table 2 / Fig. 6 on this machine and write the report to bench/results/.
-#   bench/reproduce_paper.sh                 # full plan: 3 seeds, small CNN + EfficientNet-Lite0 (about 80 min
+#   bench/reproduce_paper.sh                 # full plan: 3 seeds, small CNN + EfficientNet-Lite0 (about 90 min
 #                                            # on 2 idle cores; much longer on a shared machine)
 #   bench/reproduce_paper.sh --quick         # end-to-end check in minutes (numbers meaningless)
 #   bench/reproduce_paper.sh --investigate   # recipe variants on ILIN/IPOLY, one seed
